@@ -1,0 +1,130 @@
+"""The front end: ``parallel_map`` and ``explain``."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from coremap import _fastpath
+from coremap._execute import execute
+from coremap._plan import Plan, make_plan
+
+__all__ = ["parallel_map", "explain"]
+
+
+class CoremapWarning(UserWarning):
+    """A call ran, but not the way you probably wanted (the message says how to fix it)."""
+
+
+def parallel_map(
+    arrays,
+    func,
+    *,
+    out: np.ndarray | None = None,
+    dtype=None,
+    vectorized: bool = False,
+    backend=None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    schedule: str = "guided",
+    progress: bool = False,
+) -> np.ndarray:
+    """Apply ``func`` to every element of ``arrays`` on every core.
+
+    Parameters
+    ----------
+    arrays : array_like or tuple of array_like and scalars
+        One input, or a tuple of inputs broadcast together as a ufunc would
+        (Python scalars allowed). Numeric dtypes of any shape and layout.
+    func : callable
+        A scalar function ``f(a, b, ...) -> number`` (compiled with Numba for
+        the call's dtypes, cached), a NumPy ufunc, a built-in kernel from
+        :mod:`coremap.kernels`, or with ``vectorized=True`` a function of 1-D
+        chunks returning chunks of the same length.
+    out : ndarray, optional
+        Written in place and returned. Its shape must be the broadcast shape;
+        results are cast to its dtype with the ``"same_kind"`` rule.
+    dtype : dtype, optional
+        Dtype of the result (``"same_kind"`` cast from what ``func`` returns).
+    vectorized : bool
+        ``func`` takes and returns whole chunks (1-D arrays; scalars as given).
+    backend : {"auto", "threads", "serial"}, optional
+        Where to run. ``"auto"`` (the default, or ``COREMAP_BACKEND``) runs
+        small inputs in the calling thread and the rest on the thread pool;
+        :func:`explain` says what it chose and why.
+    workers : int, optional
+        Number of workers (default: the usable cores, or ``COREMAP_WORKERS``).
+    chunk_size : int, optional
+        ``"guided"``: the smallest chunk; ``"dynamic"`` and ``"static"``: the
+        chunk length.
+    schedule : {"guided", "dynamic", "static"}
+        ``"guided"`` hands out big chunks first and small ones at the end, so
+        uneven work balances; ``"dynamic"`` fixed-size chunks on demand;
+        ``"static"`` one block per worker.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    ndarray
+        The results, in the broadcast shape (``out`` if given).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid arguments, raised before any work starts.
+    Exception
+        The first exception raised by ``func``, with its own type; the other
+        chunks are cancelled. On Python >= 3.11 a note names the element.
+    KeyboardInterrupt
+        Ctrl-C stops the call after the chunks in progress.
+
+    Examples
+    --------
+    >>> import numpy as np, coremap as cm
+    >>> x = np.linspace(0.0, 1.0, 5)
+    >>> cm.parallel_map(x, lambda v: 2.0 * v + 1.0)
+    array([1. , 1.5, 2. , 2.5, 3. ])
+    >>> cm.parallel_map((x, 2.0), np.power)
+    array([0.    , 0.0625, 0.25  , 0.5625, 1.    ])
+    """
+    key = items = None
+    if (out is None and dtype is None and backend is None and workers is None
+            and chunk_size is None and schedule == "guided" and vectorized is False
+            and progress is False):
+        entry, items, key = _fastpath.lookup(arrays, func)
+        if entry is not None:
+            result = _fastpath.run(entry, func, items)
+            if result is not None:
+                return result
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+    plan = make_plan(
+        arrays, func, out=out, dtype=dtype, vectorized=vectorized, backend=backend,
+        workers=workers, chunk_size=chunk_size, schedule=schedule,
+    )
+    if plan.warning:
+        warnings.warn(plan.warning, CoremapWarning, stacklevel=2)
+    result = execute(plan, progress=progress)
+    if key is not None:
+        _fastpath.remember(key, plan, items)
+    return result
+
+
+def explain(arrays, func, **kwargs) -> Plan:
+    """Return the plan ``parallel_map(arrays, func, **kwargs)`` would run, without running it.
+
+    The plan prints as a short report: engine, kernel kind, chunking, workers,
+    and the reasons for each choice. It validates the call like
+    ``parallel_map`` (and compiles a scalar function, which is then cached).
+
+    Examples
+    --------
+    >>> import numpy as np, coremap as cm
+    >>> print(cm.explain(np.ones(10), np.sqrt))  # doctest: +ELLIPSIS
+    coremap plan for sqrt
+      engine   : serial (1 worker)
+    ...
+    """
+    kwargs.pop("progress", None)
+    return make_plan(arrays, func, **kwargs)

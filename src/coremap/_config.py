@@ -1,0 +1,122 @@
+"""Defaults for ``parallel_map``: per-thread overrides, then environment, then built-ins.
+
+This is the one place that reads ``COREMAP_*`` environment variables. They are
+read lazily, when a call needs a default, so setting one after ``import
+coremap`` still works.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+
+BACKENDS = ("auto", "threads", "serial", "processes")
+SCHEDULES = ("guided", "dynamic", "static")
+
+_local = threading.local()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def check_workers(workers: object, name: str = "workers") -> int:
+    """Return ``workers`` as a positive int, or raise a message that says why not."""
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise TypeError(
+            f"{name} must be a positive int or None, got {type(workers).__name__} {workers!r}"
+        )
+    if workers < 1:
+        raise ValueError(f"{name} must be >= 1, got {workers}")
+    return workers
+
+
+def check_backend(backend: object) -> object:
+    """A backend name must be known; other objects (cluster clients) pass through."""
+    if isinstance(backend, str) and backend not in BACKENDS:
+        raise ValueError(
+            f"backend must be one of {', '.join(map(repr, BACKENDS))} or a cluster client, "
+            f"got {backend!r}"
+        )
+    return backend
+
+
+def _stack() -> list[dict]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def _from_env(key: str) -> object | None:
+    raw = os.environ.get(f"COREMAP_{key.upper()}")
+    if raw is None or raw == "":
+        return None
+    if key == "workers":
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(
+                f"COREMAP_WORKERS must be a positive integer, got {raw!r}"
+            ) from None
+        return check_workers(value, "COREMAP_WORKERS")
+    if key == "backend":
+        if raw not in BACKENDS:
+            raise ValueError(f"COREMAP_BACKEND must be one of {BACKENDS}, got {raw!r}")
+        return raw
+    return raw
+
+
+def get(key: str) -> object | None:
+    """The current default for ``key``: innermost ``config()``, then env, then None."""
+    for frame in reversed(_stack()):
+        if key in frame:
+            return frame[key]
+    return _from_env(key)
+
+
+def default_workers() -> int:
+    value = get("workers")
+    return usable_cores() if value is None else int(value)  # type: ignore[arg-type]
+
+
+def default_backend() -> object:
+    value = get("backend")
+    return "auto" if value is None else value
+
+
+@contextlib.contextmanager
+def config(*, workers: int | None = None, backend: object = None) -> Iterator[None]:
+    """Set defaults for ``parallel_map`` in this thread, for the ``with`` block.
+
+    Parameters
+    ----------
+    workers : int, optional
+        Default number of workers (the environment variable ``COREMAP_WORKERS``
+        sets it for a whole process).
+    backend : str or client, optional
+        Default backend: ``"auto"``, ``"threads"``, ``"serial"`` or
+        ``"processes"`` (``COREMAP_BACKEND``).
+
+    Examples
+    --------
+    >>> import numpy as np, coremap as cm
+    >>> with cm.config(workers=2, backend="threads"):
+    ...     y = cm.parallel_map(np.arange(4.0), np.sqrt)
+    """
+    frame: dict[str, object] = {}
+    if workers is not None:
+        frame["workers"] = check_workers(workers)
+    if backend is not None:
+        frame["backend"] = check_backend(backend)
+    stack = _stack()
+    stack.append(frame)
+    try:
+        yield
+    finally:
+        stack.pop()  # with-blocks nest, so this frame is the innermost

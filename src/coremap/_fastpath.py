@@ -1,0 +1,133 @@
+"""The fast path: a repeated call with C-contiguous inputs skips the planner.
+
+``make_plan`` and ``execute`` cost tens of microseconds of Python, which is
+more than the whole of a small call (W5 in BENCHMARKS.md: 10^3 elements, budget
+6x NumPy's time). Most calls repeat one *signature*: the same function, input
+dtypes and shapes, and defaults. The first call of a signature goes through the
+planner; if its layout is the simple one (every array C-contiguous with the
+full shape, scalars broadcast), the decisions are cached, and later calls only
+build a key, allocate the output and run the kernel.
+
+Anything unusual (``out=``, options, views, lists, a kernel error) takes the
+full path, which also produces the error messages.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from coremap import _config
+from coremap._execute import native_task
+from coremap._kernels import _runner
+from coremap._kernels._numba import kernel_scope
+from coremap.engines import get_engine
+from coremap.kernels import Affine
+
+_SCALARS = (float, int, complex, bool)
+_CACHE_MAX = 256
+_cache: dict = {}
+
+
+class _Entry:
+    __slots__ = ("kind", "engine", "workers", "address", "meta", "dtype", "scalar_dtypes",
+                 "schedule", "chunk", "max_chunk", "size", "shape")
+
+
+def _key(func, items):
+    parts = []
+    shape = None
+    for item in items:
+        t = type(item)
+        if t is np.ndarray:
+            if shape is None:
+                shape = item.shape
+            elif item.shape != shape:
+                return None, None
+            parts.append((item.dtype, item.strides))
+        elif t in _SCALARS:
+            parts.append(t)
+        else:
+            return None, None
+    if shape is None:
+        return None, None
+    if type(func) is Affine:  # a new affine(a, b) per call must not miss the cache
+        func = (Affine, type(func.a), type(func.b))
+    return (func, shape, *parts, _config.get("workers"), _config.get("backend")), shape
+
+
+def lookup(arrays, func):
+    """The cached entry for this call, and the call's items; ``(None, None)`` on a miss."""
+    items = arrays if type(arrays) is tuple else (arrays,)
+    try:
+        key, _ = _key(func, items)
+        entry = _cache.get(key) if key is not None else None
+    except TypeError:  # an unhashable function
+        return None, None, None
+    return entry, items, key
+
+
+def remember(key, plan, items) -> None:
+    """Cache ``plan`` under ``key`` if its layout is the simple one."""
+    if key is None or plan.kind not in ("numba", "builtin", "ufunc") or plan.size == 0:
+        return
+    for item in items:
+        if type(item) is np.ndarray and not (
+            item.flags.c_contiguous and item.dtype.isnative and item.shape == plan.shape
+        ):
+            return
+    e = _Entry()
+    e.kind = plan.kind
+    e.engine = plan.engine
+    e.workers = plan.workers
+    e.dtype = plan.out_dtype
+    e.schedule, e.chunk, e.max_chunk = plan.schedule, plan.chunk, plan.max_chunk
+    e.size = plan.size
+    e.shape = plan.shape
+    e.scalar_dtypes = [None if type(i) is np.ndarray else inp.dtype
+                       for i, inp in zip(items, plan.inputs)]
+    e.address = None
+    if plan.kind == "numba":
+        from coremap._kernels import _numba
+
+        classes = "".join("c" if d is None else "s" for d in e.scalar_dtypes) + "c"
+        e.address = _numba.kernel_address(plan.func, plan.in_dtypes, plan.out_dtype, classes)
+    elif plan.kind == "builtin":
+        from coremap._kernels import _builtin
+
+        if plan.in_dtypes[0] != plan.out_dtype:
+            return  # the input is cast first: the full path does that
+        e.address = _builtin.affine_address(plan.out_dtype.char)
+        e.scalar_dtypes = [None, plan.out_dtype, plan.out_dtype]
+    meta = [plan.size]
+    for d in (*e.scalar_dtypes, None):
+        meta += [0, 0, 0 if d is not None else 1]
+    e.meta = meta
+    if len(_cache) >= _CACHE_MAX:
+        _cache.clear()
+    _cache[key] = e
+
+
+def run(entry, func, items):
+    """Run a cached call; ``None`` if it must be redone on the full path."""
+    if entry.kind == "ufunc":
+        if entry.engine == "serial":
+            return func(*items)
+        return None
+    if entry.kind == "builtin":
+        items = (items[0], func.a, func.b)
+    arrays = tuple(
+        item if d is None else np.asarray(item, d) for item, d in zip(items, entry.scalar_dtypes)
+    )
+    out = np.empty(entry.shape, entry.dtype)
+    ptrs = _runner.data_pointers((*arrays, out))
+    if ptrs is None:
+        return None
+    if entry.engine == "serial":
+        with kernel_scope():
+            ok = _runner.run_inline(entry.address, ptrs, entry.meta, 0, entry.size)
+        return out if ok else None
+    job = _runner.Job(entry.size, entry.workers, entry.schedule, entry.chunk, entry.max_chunk)
+    job.set_kernel(entry.address, ptrs, entry.meta, arrays)
+    get_engine(entry.engine).run(job, native_task(), entry.workers)
+    if job.done != entry.size:
+        return None  # a failure: the full path runs the call again and reports it
+    return out

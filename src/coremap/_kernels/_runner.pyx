@@ -1,0 +1,253 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The GIL-free chunk runner.
+
+A :class:`Job` is one parallel call: ``n`` elements, a schedule, and either a
+native kernel (a C function pointer, see ``_runner.pxd``) or nothing (the
+Python engines claim chunks through :meth:`Job.claim`). Every participating
+thread claims ``[lo, hi)`` ranges from one shared atomic counter, so uneven work
+balances by itself; nobody hands out work.
+
+    caller thread ─┐                      ┌─> kernel(ptrs, meta, lo, hi)
+    pool thread 1 ─┼─> claim() ── next ───┼─> kernel(ptrs, meta, lo, hi)
+    pool thread k ─┘   (atomic CAS)       └─> ... done += hi - lo
+
+``cancel`` is checked between chunks; ``done`` counts finished elements and
+feeds the progress bar; ``active`` counts threads inside the job, so the caller
+knows when nobody can still be writing to the output after a cancel.
+"""
+cimport numpy as cnp
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport int64_t, intptr_t
+from libc.stdlib cimport free, malloc
+
+from coremap._kernels._runner cimport kernel_t
+
+
+cdef extern from "_atomics.h" nogil:
+    int64_t cm_load(int64_t *p)
+    void cm_store(int64_t *p, int64_t v)
+    int64_t cm_fetch_add(int64_t *p, int64_t v)
+    bint cm_cas(int64_t *p, int64_t *expected, int64_t desired)
+
+
+cnp.import_array()
+
+SCHEDULES = {"static": 0, "dynamic": 1, "guided": 2}
+
+
+cdef class Job:
+    """Shared state of one parallel call (see the module docstring)."""
+
+    cdef readonly int64_t n
+    cdef readonly int64_t workers
+    cdef readonly int schedule
+    cdef readonly int64_t chunk          # static block / dynamic size / guided minimum
+    cdef readonly int64_t max_chunk      # cap, so a chunk never runs for long
+    cdef int64_t _next
+    cdef int64_t _done
+    cdef int64_t _active
+    cdef int64_t _cancel
+    cdef int64_t _err_lo
+    cdef int64_t _err_hi
+    cdef kernel_t _kernel
+    cdef void **_ptrs
+    cdef int64_t *_meta
+    cdef object _keepalive
+    cdef public object event             # set by the last thread to leave
+
+    def __cinit__(self, int64_t n, int64_t workers, str schedule="guided",
+                  int64_t chunk=1, int64_t max_chunk=1 << 62):
+        if n < 0 or workers < 1 or chunk < 1 or max_chunk < 1:
+            raise ValueError("invalid Job parameters")
+        self.n = n
+        self.workers = workers
+        self.schedule = SCHEDULES[schedule]
+        self.chunk = chunk
+        self.max_chunk = max_chunk
+        self._next = 0
+        self._done = 0
+        self._active = 0
+        self._cancel = 0
+        self._err_lo = -1
+        self._err_hi = -1
+        self._kernel = NULL
+        self._ptrs = NULL
+        self._meta = NULL
+        self.event = None
+
+    def __dealloc__(self):
+        free(self._ptrs)
+        free(self._meta)
+
+    def set_kernel(self, intptr_t address, ptrs, meta, keepalive):
+        """Attach a native kernel and its operands (addresses and strides)."""
+        cdef Py_ssize_t i
+        free(self._ptrs)
+        free(self._meta)
+        self._ptrs = <void **>malloc(len(ptrs) * sizeof(void *))
+        self._meta = <int64_t *>malloc(len(meta) * sizeof(int64_t))
+        if self._ptrs == NULL or self._meta == NULL:
+            raise MemoryError()
+        for i in range(len(ptrs)):
+            self._ptrs[i] = <void *><intptr_t>ptrs[i]
+        for i in range(len(meta)):
+            self._meta[i] = meta[i]
+        self._kernel = <kernel_t>address
+        self._keepalive = keepalive
+
+    cdef inline bint _claim(self, int64_t *lo, int64_t *hi) noexcept nogil:
+        cdef int64_t start = cm_load(&self._next)
+        cdef int64_t size, rem
+        while True:
+            rem = self.n - start
+            if rem <= 0:
+                return False
+            if self.schedule == 2:
+                size = (rem + 2 * self.workers - 1) // (2 * self.workers)
+                if size < self.chunk:
+                    size = self.chunk
+            else:
+                size = self.chunk
+            if size > self.max_chunk:
+                size = self.max_chunk
+            if size > rem:
+                size = rem
+            if cm_cas(&self._next, &start, start + size):
+                lo[0] = start
+                hi[0] = start + size
+                return True
+            # start now holds the value another thread stored; retry
+
+    cdef inline void _record_failure(self, int64_t lo, int64_t hi) noexcept nogil:
+        cdef int64_t expected = -1
+        if cm_cas(&self._err_lo, &expected, lo):
+            cm_store(&self._err_hi, hi)
+        cm_store(&self._cancel, 1)
+
+    # -- used by every engine -------------------------------------------------
+    def enter(self):
+        """Count the calling thread in; returns False if the job is over."""
+        cm_fetch_add(&self._active, 1)
+        if cm_load(&self._cancel) or cm_load(&self._next) >= self.n:
+            self.leave()
+            return False
+        return True
+
+    def leave(self):
+        """Count the calling thread out; wake the waiter if the job is over."""
+        cm_fetch_add(&self._active, -1)
+        if self.finished and self.event is not None:
+            self.event.set()
+
+    def claim(self):
+        """Claim the next chunk: ``(lo, hi)``, or ``None`` when there is none."""
+        cdef int64_t lo, hi
+        if cm_load(&self._cancel):
+            return None
+        if self._claim(&lo, &hi):
+            return (lo, hi)
+        return None
+
+    def complete(self, int64_t lo, int64_t hi):
+        cm_fetch_add(&self._done, hi - lo)
+
+    def fail(self, int64_t lo, int64_t hi):
+        self._record_failure(lo, hi)
+
+    def cancel(self):
+        cm_store(&self._cancel, 1)
+
+    @property
+    def done(self):
+        return cm_load(&self._done)
+
+    @property
+    def cancelled(self):
+        return cm_load(&self._cancel) != 0
+
+    @property
+    def active(self):
+        return cm_load(&self._active)
+
+    @property
+    def finished(self):
+        """All elements computed, or cancelled with nobody left inside."""
+        return (cm_load(&self._done) == self.n
+                or (cm_load(&self._cancel) != 0 and cm_load(&self._active) == 0))
+
+    @property
+    def failed_chunk(self):
+        """``(lo, hi)`` of the first chunk whose kernel failed, or ``None``."""
+        cdef int64_t lo = cm_load(&self._err_lo)
+        if lo < 0:
+            return None
+        return (lo, cm_load(&self._err_hi))
+
+    def run_native(self, bint check_signals=False):
+        """Claim and run chunks with the native kernel, without the GIL.
+
+        With ``check_signals`` (only in the main thread), pending signals are
+        handled between chunks, so Ctrl-C stops the call after one chunk.
+        """
+        cdef int64_t lo, hi
+        cdef bint stop = False
+        cdef object pending = None
+        if self._kernel == NULL:
+            raise RuntimeError("Job has no native kernel")
+        if not self.enter():
+            return
+        try:
+            with nogil:
+                while not stop and cm_load(&self._cancel) == 0:
+                    if not self._claim(&lo, &hi):
+                        break
+                    if self._kernel(self._ptrs, self._meta, lo, hi) == 0:
+                        self._record_failure(lo, hi)
+                        break
+                    cm_fetch_add(&self._done, hi - lo)
+                    if check_signals:
+                        with gil:
+                            try:
+                                PyErr_CheckSignals()
+                            except BaseException as exc:
+                                pending = exc
+                                stop = True
+                                cm_store(&self._cancel, 1)
+        finally:
+            self.leave()
+        if pending is not None:
+            raise pending
+
+
+def run_inline(intptr_t address, ptrs, meta, int64_t lo, int64_t hi):
+    """Run a native kernel on ``[lo, hi)`` in the calling thread (the fast path).
+
+    Returns the kernel's status: 1 on success, 0 when the element function raised.
+    """
+    cdef void *p[16]
+    cdef int64_t m[64]
+    cdef Py_ssize_t i
+    cdef int64_t rc
+    if len(ptrs) > 16 or len(meta) > 64:
+        raise ValueError("too many operands for the inline path")
+    for i in range(len(ptrs)):
+        p[i] = <void *><intptr_t>ptrs[i]
+    for i in range(len(meta)):
+        m[i] = meta[i]
+    with nogil:
+        rc = (<kernel_t>address)(p, m, lo, hi)
+    return rc
+
+
+def data_pointers(tuple arrays):
+    """Data addresses of ndarrays, or ``None`` if one is unaligned (the fast path's check)."""
+    cdef list ptrs = []
+    cdef cnp.ndarray a
+    cdef intptr_t p
+    for obj in arrays:
+        a = <cnp.ndarray>obj
+        p = <intptr_t>cnp.PyArray_DATA(a)
+        if p % cnp.PyArray_ITEMSIZE(a):
+            return None
+        ptrs.append(p)
+    return ptrs

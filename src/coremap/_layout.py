@@ -1,0 +1,228 @@
+"""Inputs and output of one call, reduced to a 2-D strided iteration space.
+
+Every call iterates over the broadcast shape in one memory order (C, or F when
+the arrays are Fortran-ordered), flattened to a single index ``i``. Dimensions
+are dropped (size 1) and merged (when every operand's strides allow), which
+leaves at most ``R`` rows of ``C`` columns; each operand is then an offset, a
+row stride and a column stride, in elements. Kernels claim flat ranges
+``[lo, hi)`` of this space (see ``_kernels/_runner.pxd``).
+
+An operand that would need a third dimension (a strided view of a strided view,
+a 3-way broadcast) is copied to contiguous memory first, so kernels stay
+simple; so is an input that is unaligned, byte-swapped, or overlaps ``out``
+in a way that an element-wise pass could corrupt.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+NUMERIC_KINDS = "biufc"
+
+
+@dataclass
+class Input:
+    """One input as given: an array, or a scalar broadcast to every element."""
+
+    value: object  # the scalar as given (for ufuncs: NEP 50 weak promotion), or the array
+    array: np.ndarray  # the array, or a 0-d array of the scalar
+    is_scalar: bool
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+
+def _is_python_scalar(obj: object) -> bool:
+    return isinstance(obj, (numbers.Number, np.generic)) and not isinstance(obj, np.ndarray)
+
+
+def normalize_inputs(arrays: object) -> tuple[list[Input], tuple[int, ...]]:
+    """Inputs as a list and their broadcast shape; raise before any work on bad input."""
+    items = arrays if isinstance(arrays, tuple) else (arrays,)
+    if len(items) == 0:
+        raise ValueError("parallel_map needs at least one input array, got an empty tuple")
+    inputs = []
+    for k, item in enumerate(items):
+        if _is_python_scalar(item):
+            arr = np.asarray(item)
+            scalar = True
+        else:
+            if item is None:
+                raise TypeError(f"input {k} is None; expected an array-like or a number")
+            arr = np.asarray(item)
+            scalar = False
+        if arr.dtype.kind not in NUMERIC_KINDS:
+            raise TypeError(
+                f"input {k} has dtype {arr.dtype}; parallel_map takes numeric inputs "
+                "(bool, int, uint, float, complex). Convert it first, e.g. x.astype(float)"
+            )
+        inputs.append(Input(item if scalar else arr, arr, scalar))
+    shapes = [i.array.shape for i in inputs]
+    try:
+        shape = np.broadcast_shapes(*shapes)
+    except ValueError:
+        raise ValueError(
+            f"inputs do not broadcast together: shapes {', '.join(map(str, shapes))}"
+        ) from None
+    return inputs, tuple(shape)
+
+
+def memory_order(inputs: list[Input], shape: tuple[int, ...], out: np.ndarray | None) -> str:
+    """'F' when the arrays (or ``out``) are Fortran-ordered, else 'C'."""
+    if len(shape) < 2:
+        return "C"
+    if out is not None:
+        return "F" if out.flags.f_contiguous and not out.flags.c_contiguous else "C"
+    full = [i.array for i in inputs if not i.is_scalar and i.array.shape == shape]
+    if full and all(a.flags.f_contiguous for a in full) and not all(
+        a.flags.c_contiguous for a in full
+    ):
+        return "F"
+    return "C"
+
+
+def needs_native_copy(arr: np.ndarray) -> bool:
+    """Kernels index in whole elements of native byte order: copy arrays that are not."""
+    item = arr.dtype.itemsize
+    return (
+        not arr.dtype.isnative
+        or not arr.flags.aligned
+        or any(s % item for s in arr.strides)
+    )
+
+
+def native(arr: np.ndarray) -> np.ndarray:
+    """``arr`` itself, or a native-order aligned copy of it."""
+    if needs_native_copy(arr):
+        return np.array(arr, dtype=arr.dtype.newbyteorder("="), order="K", copy=True)
+    return arr
+
+
+def iteration_view(arr: np.ndarray, shape: tuple[int, ...], order: str) -> np.ndarray:
+    """``arr`` broadcast to ``shape``, axes reversed for F order (a view)."""
+    view = arr if arr.shape == shape else np.broadcast_to(arr, shape)  # keeps out writeable
+    return view.T if order == "F" else view
+
+
+def _collapse(shape, strides_list):
+    """Drop size-1 dims, merge dims whose strides allow it: ``[(size, [strides])]``."""
+    merged: list[tuple[int, list[int]]] = []
+    for d, size in enumerate(shape):
+        if size == 1:
+            continue
+        sts = [st[d] for st in strides_list]
+        if merged:
+            psize, psts = merged[-1]
+            if all(p == s * size for p, s in zip(psts, sts)):
+                merged[-1] = (psize * size, sts)
+                continue
+        merged.append((size, sts))
+    return merged
+
+
+@dataclass
+class Space:
+    """The collapsed iteration space and the operands' strides in it (elements)."""
+
+    n: int
+    rows: int
+    cols: int
+    views: list[np.ndarray]  # iteration views, inputs then output
+    offsets: list[int]
+    row_strides: list[int]
+    col_strides: list[int]
+    base_ptrs: list[int]  # lowest address each operand touches
+
+    def classes(self, scalars: list[bool]) -> str:
+        """Stride class per operand: 's' scalar, 'c' unit column stride, 'g' general."""
+        out = []
+        for k, (rs, cs) in enumerate(zip(self.row_strides, self.col_strides)):
+            if k < len(scalars) and scalars[k]:
+                out.append("s")
+            elif cs == 1 or self.cols == 1:
+                out.append("c")
+            else:
+                out.append("g")
+        return "".join(out)
+
+    def meta(self) -> list[int]:
+        m = [self.cols]
+        for o, r, c in zip(self.offsets, self.row_strides, self.col_strides):
+            m += [o, r, c]
+        return m
+
+    def grid(self, k: int) -> np.ndarray:
+        """Operand ``k`` as an ``(rows, cols)`` strided view."""
+        v = self.views[k]
+        item = v.dtype.itemsize
+        return np.lib.stride_tricks.as_strided(
+            v,
+            (self.rows, self.cols),
+            (self.row_strides[k] * item, self.col_strides[k] * item),
+            writeable=v.flags.writeable,
+        )
+
+    def segments(self, lo: int, hi: int):
+        """Split flat ``[lo, hi)`` into row blocks: ``(r0, r1, c0, c1)`` tuples."""
+        C = self.cols
+        r, c = divmod(lo, C)
+        if c:
+            c1 = min(C, c + hi - lo)
+            yield r, r + 1, c, c1
+            lo += c1 - c
+            r += 1
+        if hi - lo >= C:
+            full = (hi - lo) // C
+            yield r, r + full, 0, C
+            lo += full * C
+            r += full
+        if hi > lo:
+            yield r, r + 1, 0, hi - lo
+
+
+def build_space(views: list[np.ndarray]) -> Space | None:
+    """Collapse the iteration views; ``None`` if one would need a third dimension."""
+    shape = views[-1].shape
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    strides = [
+        [s // v.dtype.itemsize for s in v.strides] for v in views
+    ]
+    merged = _collapse(shape, strides)
+    if len(merged) > 2:
+        return None
+    if len(merged) == 0:
+        rows, cols = 1, 1
+        rs = [0] * len(views)
+        cs = [0] * len(views)
+    elif len(merged) == 1:
+        rows, cols = 1, merged[0][0]
+        rs = [0] * len(views)
+        cs = list(merged[0][1])
+    else:
+        (rows, rs), (cols, cs) = merged
+        rs, cs = list(rs), list(cs)
+    offsets, bases = [], []
+    for v, r, c in zip(views, rs, cs):
+        item = v.dtype.itemsize
+        low = min(0, (rows - 1) * r) + min(0, (cols - 1) * c)
+        offsets.append(-low)
+        bases.append(v.__array_interface__["data"][0] + low * item)
+    return Space(n, rows, cols, views, offsets, rs, cs, bases)
+
+
+def bad_operands(views: list[np.ndarray]) -> list[int]:
+    """Inputs (not the output) that are not C-contiguous: the ones worth copying."""
+    return [k for k, v in enumerate(views[:-1]) if not v.flags.c_contiguous]
+
+
+def same_elements(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when ``a`` and ``b`` view the very same elements in the same order."""
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+    )

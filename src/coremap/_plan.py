@@ -1,0 +1,287 @@
+"""The planner: validate a call, pick its kernel and engine, say why.
+
+``make_plan`` does every check before any work starts (nothing is allocated,
+no thread is started, no chunk runs): inputs, ``out``, ``dtype``, options. It
+resolves the kernel kind and the result dtype (compiling with Numba if needed,
+cached), then chooses the engine. ``explain`` shows the plan; ``parallel_map``
+executes it (``_execute.py``).
+
+How ``backend="auto"`` chooses:
+1. one worker, or fewer elements than the crossover of the kernel kind -> serial;
+2. a compiled kernel (built-in or Numba), a ufunc, a vectorized function -> threads;
+3. a scalar function Numba cannot compile -> serial Python loop, with one
+   warning naming Numba's error (the process engine takes these over when it lands).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coremap import _config
+from coremap._errors import BackendUnavailableError
+from coremap._layout import Input, memory_order, normalize_inputs
+from coremap.kernels import Affine
+
+# Below these sizes a call runs in the calling thread: waking workers and
+# joining them costs more than it saves. Chosen by benchmarks/crossover.py.
+CROSSOVER_NATIVE = 32_768  # compiled kernels (Numba, built-in)
+CROSSOVER_NUMPY = 65_536  # ufuncs and vectorized functions (a Python call per chunk)
+
+# Chunking. A chunk is never longer than MAX_CHUNK elements, so that Ctrl-C,
+# a cancel after an error, and the progress bar act within one chunk, and the
+# guided tail balances. Chosen by benchmarks/chunking.py (W1, W3 sorted).
+MIN_CHUNK_NATIVE = 1_024
+MAX_CHUNK_NATIVE = 1 << 16
+MIN_CHUNK_NUMPY = 8_192
+MAX_CHUNK_NUMPY = 1 << 18
+DYNAMIC_CHUNKS_PER_WORKER = 16
+
+KINDS = {
+    "builtin": "built-in Cython kernel (no GIL, no compile)",
+    "numba": "scalar function compiled by Numba into a GIL-free chunk kernel",
+    "ufunc": "NumPy ufunc on each chunk (NumPy releases the GIL in its loops)",
+    "vectorized": "chunk function (vectorized=True) on each chunk",
+    "python": "scalar Python function called per element (holds the GIL)",
+}
+
+
+@dataclass(repr=False)
+class Plan:
+    """How one ``parallel_map`` call runs, and why. ``print`` it, or look at the fields."""
+
+    engine: str
+    kind: str
+    func_name: str
+    shape: tuple[int, ...]
+    size: int
+    in_dtypes: tuple[np.dtype, ...]
+    out_dtype: np.dtype | None  # None: known after the first chunk runs
+    order: str
+    workers: int
+    schedule: str
+    chunk: int
+    max_chunk: int
+    reasons: list[str] = field(default_factory=list)
+    warning: str | None = None
+    # what execution needs (not part of the printed plan)
+    func: object = None
+    inputs: list[Input] = field(default_factory=list)
+    out: np.ndarray | None = None
+    requested_dtype: np.dtype | None = None
+
+    def __str__(self) -> str:
+        dtypes = ", ".join(str(d) for d in self.in_dtypes)
+        out = str(self.out_dtype) if self.out_dtype is not None else "from the first chunk"
+        lines = [
+            f"coremap plan for {self.func_name}",
+            f"  engine   : {self.engine} ({self.workers} worker{'s' if self.workers != 1 else ''})",
+            f"  kernel   : {self.kind}: {KINDS[self.kind]}",
+            f"  elements : {self.size:,} in shape {self.shape}, {self.order} order",
+            f"  dtypes   : ({dtypes}) -> {out}",
+            f"  chunks   : {self.schedule}, "
+            f"{self.chunk:,} to {self.max_chunk:,} elements"
+            if self.schedule == "guided"
+            else f"  chunks   : {self.schedule}, {self.chunk:,} elements",
+            "  why      :",
+        ]
+        lines += [f"    - {r}" for r in self.reasons]
+        if self.warning:
+            lines.append(f"  warning  : {self.warning}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def _repr_pretty_(self, p, cycle) -> None:  # IPython
+        p.text(str(self))
+
+
+def _func_name(func: object) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    return name if isinstance(name, str) else repr(func)
+
+
+def _check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_out(out: object, shape: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable array (or no out)")
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, but the inputs broadcast to {shape}")
+    if out.dtype.kind not in "biufc":
+        raise TypeError(f"out has dtype {out.dtype}; expected a numeric dtype")
+    return out
+
+
+def _ufunc_result_dtype(ufunc: np.ufunc, inputs: list[Input]) -> np.dtype:
+    # NumPy's own promotion, NEP 50 included: empty arrays and the scalars as given.
+    probes = [i.value if i.is_scalar else np.empty(0, i.dtype) for i in inputs]
+    try:
+        res = ufunc(*probes)
+    except TypeError as exc:
+        dtypes = ", ".join(str(i.dtype) for i in inputs)
+        raise TypeError(f"{ufunc.__name__} does not support inputs of dtype ({dtypes}): {exc}") from None
+    return np.asarray(res).dtype
+
+
+def _resolve_kind(func, inputs, vectorized):
+    """Kernel kind, result dtype (or None) and a reason, for ``func`` on ``inputs``."""
+    if vectorized:
+        return "vectorized", None, "vectorized=True: the function gets whole chunks", None
+    if isinstance(func, np.ufunc):
+        if func.nin != len(inputs):
+            raise TypeError(f"{func.__name__} takes {func.nin} inputs, got {len(inputs)}")
+        if func.nout != 1:
+            raise TypeError(f"{func.__name__} has {func.nout} outputs; parallel_map supports one")
+        return "ufunc", _ufunc_result_dtype(func, inputs), "a NumPy ufunc", None
+    if isinstance(func, Affine):
+        if len(inputs) != 1:
+            raise TypeError(f"affine takes one input, got {len(inputs)}")
+        dt = np.result_type(inputs[0].dtype, func.a, func.b)
+        return "builtin", dt, "a built-in kernel, compiled at install", None
+    from coremap._kernels import _numba
+
+    in_dtypes = tuple(i.dtype for i in inputs)
+    try:
+        _, dt = _numba.resolve(func, in_dtypes)
+    except _numba.NotCompilable as exc:
+        return "python", None, "Numba cannot compile it in nopython mode", str(exc)
+    return "numba", dt, "Numba compiled it in nopython mode for these dtypes", None
+
+
+def make_plan(
+    arrays,
+    func,
+    *,
+    out=None,
+    dtype=None,
+    vectorized=False,
+    backend=None,
+    workers=None,
+    chunk_size=None,
+    schedule="guided",
+) -> Plan:
+    """Validate a call and decide how it runs. Raises before any work on bad input."""
+    if not callable(func):
+        raise TypeError(f"func must be callable, got {type(func).__name__} {func!r}")
+    if not isinstance(vectorized, bool):
+        raise TypeError(f"vectorized must be True or False, got {vectorized!r}")
+    if schedule not in _config.SCHEDULES:
+        raise ValueError(
+            f"schedule must be one of {', '.join(map(repr, _config.SCHEDULES))}, got {schedule!r}"
+        )
+    backend = _config.default_backend() if backend is None else _config.check_backend(backend)
+    if workers is None:
+        workers = _config.default_workers()
+    workers = _check_positive_int(workers, "workers")
+    if chunk_size is not None:
+        chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    requested = None
+    if dtype is not None:
+        requested = np.dtype(dtype)
+        if requested.kind not in "biufc":
+            raise TypeError(f"dtype must be numeric, got {requested}")
+
+    inputs, shape = normalize_inputs(arrays)
+    if out is not None:
+        out = _check_out(out, shape)
+        if requested is not None and requested != out.dtype:
+            raise TypeError(f"dtype={requested} disagrees with out.dtype={out.dtype}")
+        requested = out.dtype
+    if not isinstance(backend, str):
+        raise BackendUnavailableError(
+            f"backend={type(backend).__name__} is not supported yet: cluster clients "
+            "(ipyparallel, dask.distributed) arrive in a later version of coremap. "
+            "Use backend='auto', 'threads' or 'serial'."
+        )
+    if backend == "processes":
+        raise BackendUnavailableError(
+            "backend='processes' is not available in this version of coremap yet; "
+            "use backend='auto', 'threads' or 'serial'"
+        )
+
+    kind, result, why_kind, numba_error = _resolve_kind(func, inputs, vectorized)
+    if result is not None and requested is not None and not np.can_cast(result, requested, "same_kind"):
+        who = "out" if out is not None else "dtype"
+        raise TypeError(
+            f"cannot store the {result} results of {_func_name(func)} into {who} of dtype "
+            f"{requested} (casting rule 'same_kind')"
+        )
+    out_dtype = requested if requested is not None else result
+    size = math.prod(shape)
+    reasons = [f"{_func_name(func)}: {why_kind}"]
+    warning = None
+
+    native = kind in ("builtin", "numba")
+    crossover = CROSSOVER_NATIVE if native else CROSSOVER_NUMPY
+    if backend == "auto":
+        if kind == "python":
+            engine = "serial"
+            reasons.append("a function that holds the GIL gains nothing from threads")
+            warning = (
+                f"Numba could not compile {_func_name(func)} ({numba_error}); it runs as a "
+                "serial Python loop. Pass backend='serial' to silence this warning."
+            )
+        elif workers == 1:
+            engine = "serial"
+            reasons.append("workers=1")
+        elif size < crossover:
+            engine = "serial"
+            reasons.append(
+                f"{size:,} elements is below the crossover of {crossover:,} for this kernel kind: "
+                "starting workers would cost more than it saves"
+            )
+        else:
+            engine = "threads"
+            reasons.append(f"{size:,} elements; the kernel runs without the GIL")
+    else:
+        engine = backend
+        reasons.append(f"backend={backend!r} was asked for")
+        if engine == "threads" and kind == "python":
+            reasons.append("note: a function that holds the GIL does not speed up on threads")
+    if engine == "serial":
+        workers = 1
+
+    if native:
+        min_chunk, max_chunk = MIN_CHUNK_NATIVE, MAX_CHUNK_NATIVE
+    else:
+        min_chunk, max_chunk = MIN_CHUNK_NUMPY, MAX_CHUNK_NUMPY
+    if schedule == "guided":
+        chunk = chunk_size or min_chunk
+        max_chunk = max(max_chunk, chunk)
+    elif schedule == "dynamic":
+        chunk = chunk_size or max(min_chunk, -(-size // (workers * DYNAMIC_CHUNKS_PER_WORKER)))
+        max_chunk = chunk
+    else:  # static: one block per worker
+        chunk = chunk_size or max(1, -(-size // workers))
+        max_chunk = chunk
+
+    return Plan(
+        engine=engine,
+        kind=kind,
+        func_name=_func_name(func),
+        shape=shape,
+        size=size,
+        in_dtypes=tuple(i.dtype for i in inputs),
+        out_dtype=out_dtype,
+        order=memory_order(inputs, shape, out),
+        workers=workers,
+        schedule=schedule,
+        chunk=chunk,
+        max_chunk=max_chunk,
+        reasons=reasons,
+        warning=warning,
+        func=func,
+        inputs=inputs,
+        out=out,
+        requested_dtype=requested,
+    )

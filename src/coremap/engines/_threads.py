@@ -1,0 +1,117 @@
+"""The thread engine: a persistent pool of worker threads.
+
+    parallel_map ──> ThreadEngine.run(job, task, workers=k)
+                        │ put (task, job) on k-1 worker queues (no wait)
+                        │ task(job, caller=True)        the caller works too
+                        │ wait: job.finished or Ctrl-C
+    worker i: loop { (task, job) = queue.get(); task(job, caller=False) }
+
+Workers are created on first use and live for the process (daemon threads, so
+they never block interpreter exit). The caller does not wait for a worker to
+wake up: chunks are claimed from the job's atomic counter, so a worker that
+arrives late finds no work and goes back to its queue. That makes a small call
+cost the caller's own compute plus a few queue puts, and a large one use every
+worker as soon as it is awake.
+
+Threads only help when the task releases the GIL: compiled kernels run in
+Cython without it, and NumPy releases it inside ufunc loops.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+_engine = None
+_engine_lock = threading.Lock()
+
+
+def thread_engine() -> ThreadEngine:
+    """The process-wide thread engine, created on first use."""
+    global _engine
+    if _engine is None:
+        with _engine_lock:
+            if _engine is None:
+                _engine = ThreadEngine()
+    return _engine
+
+
+def _worker_loop(q: queue.SimpleQueue) -> None:
+    while True:
+        item = q.get()
+        if item is None:
+            return
+        task, job = item
+        try:
+            task(job, False)
+        except BaseException:  # a task records its own errors; never let the worker die
+            job.cancel()
+        finally:
+            if job.finished and job.event is not None:
+                job.event.set()
+        del item, task, job
+
+
+class ThreadEngine:
+    """A pool of threads that run chunk tasks; see the module docstring."""
+
+    name = "threads"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: list[queue.SimpleQueue] = []
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def size(self) -> int:
+        return len(self._threads)
+
+    def _ensure(self, n: int) -> list[queue.SimpleQueue]:
+        with self._lock:
+            while len(self._threads) < n:
+                q: queue.SimpleQueue = queue.SimpleQueue()
+                t = threading.Thread(
+                    target=_worker_loop,
+                    args=(q,),
+                    name=f"coremap-thread-{len(self._threads)}",
+                    daemon=True,
+                )
+                t.start()
+                self._queues.append(q)
+                self._threads.append(t)
+            return self._queues[:n]
+
+    def run(self, job, task, workers: int, on_progress=None, poll: float = 0.1) -> None:
+        """Run ``task`` on ``workers`` threads (the caller is one of them).
+
+        With ``on_progress``, the caller does not compute: it reports
+        ``job.done`` every ``poll`` seconds until the job is finished.
+        """
+        job.event = threading.Event()
+        helpers = workers if on_progress is not None else workers - 1
+        for q in self._ensure(helpers):
+            q.put((task, job))
+        try:
+            if on_progress is None:
+                task(job, True)
+            while not job.finished:
+                job.event.wait(poll)
+                if on_progress is not None:
+                    on_progress(job.done)
+        except BaseException:
+            # Ctrl-C or an error in the caller's own chunk: stop the others.
+            # Workers finish at most the chunk they hold; the job keeps every
+            # buffer alive until then, so nothing is freed under them.
+            job.cancel()
+            raise
+        if on_progress is not None:
+            on_progress(job.done)
+
+    def shutdown(self) -> None:
+        """Stop the worker threads (they are re-created on the next call)."""
+        with self._lock:
+            for q in self._queues:
+                q.put(None)
+            for t in self._threads:
+                t.join(timeout=5)
+            self._queues.clear()
+            self._threads.clear()
