@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from time import perf_counter_ns
 
 import numpy as np
 
@@ -23,9 +24,28 @@ from coremap._kernels import _runner
 from coremap._kernels._numba import kernel_scope
 from coremap.engines import get_engine
 
-# Inputs with more elements than this are probed on a small first chunk when
-# the result dtype can only be learnt by running the function.
+# Elements run once to learn the result dtype of a function whose dtype can
+# only be learnt by running it (vectorized and plain Python functions).
 PROBE = 256
+
+# Chunk timing (see _kernels/_runner.pyx). A chunk aims at TARGET_CHUNK_NS, so
+# Ctrl-C and cancels act within about that long; helpers are woken once the
+# estimated remaining work exceeds ESCALATE_NS, the crossover below which one
+# thread is faster. Both chosen by benchmarks/crossover.py.
+TARGET_CHUNK_NS = 20_000_000
+ESCALATE_NS = 100_000
+FIRST_CHUNK = 1_024
+
+
+def new_job(plan):
+    """The runner's job for a plan: timed chunks except for the static schedule."""
+    timed = plan.schedule != "static"
+    return _runner.Job(
+        plan.size, plan.workers, plan.schedule, plan.chunk, plan.max_chunk,
+        target_ns=TARGET_CHUNK_NS if timed else 0,
+        first_chunk=min(plan.chunk, FIRST_CHUNK) if timed else 0,
+        escalate_ns=ESCALATE_NS,
+    )
 
 
 def native_task():
@@ -226,7 +246,7 @@ def execute(plan, progress: bool = False) -> np.ndarray:
         space = _prepare_views(plan, target)
     native = plan.kind in ("builtin", "numba")
     errors = _Errors()
-    job = _runner.Job(plan.size, plan.workers, plan.schedule, plan.chunk, plan.max_chunk)
+    job = new_job(plan)
     if native:
         address = _native_kernel(plan, space)
         job.set_kernel(address, space.base_ptrs, space.meta(), space.views)
@@ -240,6 +260,7 @@ def execute(plan, progress: bool = False) -> np.ndarray:
             try:
                 while (claim := job.claim()) is not None:
                     lo, hi = claim
+                    t0 = perf_counter_ns()
                     try:
                         chunk(lo, hi)
                     except BaseException as exc:
@@ -248,7 +269,7 @@ def execute(plan, progress: bool = False) -> np.ndarray:
                         if caller and isinstance(exc, KeyboardInterrupt):
                             raise
                         return
-                    job.complete(lo, hi)
+                    job.complete(lo, hi, perf_counter_ns() - t0)
             finally:
                 job.leave()
 

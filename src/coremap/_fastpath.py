@@ -16,20 +16,23 @@ from __future__ import annotations
 import numpy as np
 
 from coremap import _config
-from coremap._execute import native_task
+from coremap._execute import ESCALATE_NS, native_task, new_job
 from coremap._kernels import _runner
 from coremap._kernels._numba import kernel_scope
 from coremap.engines import get_engine
 from coremap.kernels import Affine
 
 _SCALARS = (float, int, complex, bool)
+# A call whose previous run measured less than this runs in one inline kernel
+# call (a job and its timing cost a few microseconds, see W5 in BENCHMARKS.md).
+_INLINE_NS = ESCALATE_NS // 4
 _CACHE_MAX = 256
 _cache: dict = {}
 
 
 class _Entry:
     __slots__ = ("kind", "engine", "workers", "address", "meta", "dtype", "scalar_dtypes",
-                 "schedule", "chunk", "max_chunk", "size", "shape")
+                 "plan", "size", "shape", "ns_per_element")
 
 
 def _key(func, items):
@@ -79,7 +82,8 @@ def remember(key, plan, items) -> None:
     e.engine = plan.engine
     e.workers = plan.workers
     e.dtype = plan.out_dtype
-    e.schedule, e.chunk, e.max_chunk = plan.schedule, plan.chunk, plan.max_chunk
+    e.plan = plan
+    e.ns_per_element = None  # learnt on the first fast call
     e.size = plan.size
     e.shape = plan.shape
     e.scalar_dtypes = [None if type(i) is np.ndarray else inp.dtype
@@ -121,13 +125,16 @@ def run(entry, func, items):
     ptrs = _runner.data_pointers((*arrays, out))
     if ptrs is None:
         return None
-    if entry.engine == "serial":
+    per = entry.ns_per_element
+    if per is not None and entry.size * per < _INLINE_NS:
+        # Known to be too small to wake anybody: one kernel call, no job.
         with kernel_scope():
             ok = _runner.run_inline(entry.address, ptrs, entry.meta, 0, entry.size)
         return out if ok else None
-    job = _runner.Job(entry.size, entry.workers, entry.schedule, entry.chunk, entry.max_chunk)
+    job = new_job(entry.plan)
     job.set_kernel(entry.address, ptrs, entry.meta, arrays)
     get_engine(entry.engine).run(job, native_task(), entry.workers)
     if job.done != entry.size:
         return None  # a failure: the full path runs the call again and reports it
+    entry.ns_per_element = job.ns_per_element
     return out

@@ -32,7 +32,9 @@ class Input:
 
     @property
     def dtype(self) -> np.dtype:
-        return self.array.dtype
+        """The dtype kernels see: native byte order (others are copied first)."""
+        dt = self.array.dtype
+        return dt if dt.isnative else dt.newbyteorder("=")
 
 
 def _is_python_scalar(obj: object) -> bool:

@@ -7,8 +7,12 @@ cached), then chooses the engine. ``explain`` shows the plan; ``parallel_map``
 executes it (``_execute.py``).
 
 How ``backend="auto"`` chooses:
-1. one worker, or fewer elements than the crossover of the kernel kind -> serial;
-2. a compiled kernel (built-in or Numba), a ufunc, a vectorized function -> threads;
+1. one worker -> serial;
+2. a compiled kernel (built-in or Numba), a ufunc, a vectorized function -> threads.
+   The calling thread starts alone and wakes the other workers only once its
+   timed chunks show more than ``ESCALATE_NS`` of work left (``_execute.py``),
+   so small inputs never leave the calling thread: the crossover is measured
+   per call, in time, rather than guessed as an element count;
 3. a scalar function Numba cannot compile -> serial Python loop, with one
    warning naming Numba's error (the process engine takes these over when it lands).
 """
@@ -24,14 +28,9 @@ from coremap._errors import BackendUnavailableError
 from coremap._layout import Input, memory_order, normalize_inputs
 from coremap.kernels import Affine
 
-# Below these sizes a call runs in the calling thread: waking workers and
-# joining them costs more than it saves. Chosen by benchmarks/crossover.py.
-CROSSOVER_NATIVE = 32_768  # compiled kernels (Numba, built-in)
-CROSSOVER_NUMPY = 65_536  # ufuncs and vectorized functions (a Python call per chunk)
-
-# Chunking. A chunk is never longer than MAX_CHUNK elements, so that Ctrl-C,
-# a cancel after an error, and the progress bar act within one chunk, and the
-# guided tail balances. Chosen by benchmarks/chunking.py (W1, W3 sorted).
+# Chunking. Guided chunks shrink from remaining/(2*workers) to MIN_CHUNK, and
+# never exceed MAX_CHUNK elements (nor, once timed, TARGET_CHUNK_NS of work:
+# see _execute.py). Chosen by benchmarks/chunking.py (W1, W3 sorted).
 MIN_CHUNK_NATIVE = 1_024
 MAX_CHUNK_NATIVE = 1 << 16
 MIN_CHUNK_NUMPY = 8_192
@@ -222,7 +221,6 @@ def make_plan(
     warning = None
 
     native = kind in ("builtin", "numba")
-    crossover = CROSSOVER_NATIVE if native else CROSSOVER_NUMPY
     if backend == "auto":
         if kind == "python":
             engine = "serial"
@@ -234,15 +232,17 @@ def make_plan(
         elif workers == 1:
             engine = "serial"
             reasons.append("workers=1")
-        elif size < crossover:
-            engine = "serial"
-            reasons.append(
-                f"{size:,} elements is below the crossover of {crossover:,} for this kernel kind: "
-                "starting workers would cost more than it saves"
-            )
         else:
             engine = "threads"
-            reasons.append(f"{size:,} elements; the kernel runs without the GIL")
+            reasons.append(
+                "the kernel runs without the GIL"
+                if native
+                else "NumPy releases the GIL inside its loops"
+            )
+            reasons.append(
+                "the calling thread starts alone; the other workers join once the timed "
+                "chunks show that the remaining work outweighs waking them"
+            )
     else:
         engine = backend
         reasons.append(f"backend={backend!r} was asked for")

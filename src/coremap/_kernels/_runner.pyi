@@ -1,4 +1,5 @@
 # Stub for the compiled chunk runner (_runner.pyx). C types in comments.
+from collections.abc import Callable
 from threading import Event
 
 SCHEDULES: dict[str, int]
@@ -9,16 +10,30 @@ class Job:
     schedule: int  # int: 0 static, 1 dynamic, 2 guided
     chunk: int  # int64_t
     max_chunk: int  # int64_t
+    target_ns: int  # int64_t
+    escalate_ns: int  # int64_t
     event: Event | None
+    on_escalate: Callable[[], None] | None
     def __init__(
-        self, n: int, workers: int, schedule: str = ..., chunk: int = ..., max_chunk: int = ...
+        self,
+        n: int,
+        workers: int,
+        schedule: str = ...,
+        chunk: int = ...,
+        max_chunk: int = ...,
+        target_ns: int = ...,
+        first_chunk: int = ...,
+        escalate_ns: int = ...,
     ) -> None: ...
+    def arm_escalation(self, callback: Callable[[], None] | None) -> None: ...
+    @property
+    def ns_per_element(self) -> float: ...  # double
     # address: kernel_t; ptrs: void*[]; meta: int64_t[]
     def set_kernel(self, address: int, ptrs: list[int], meta: list[int], keepalive: object) -> None: ...
     def enter(self) -> bool: ...
     def leave(self) -> None: ...
     def claim(self) -> tuple[int, int] | None: ...
-    def complete(self, lo: int, hi: int) -> None: ...
+    def complete(self, lo: int, hi: int, ns: int = ...) -> None: ...
     def fail(self, lo: int, hi: int) -> None: ...
     def cancel(self) -> None: ...
     @property

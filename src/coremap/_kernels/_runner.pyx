@@ -14,11 +14,23 @@ balances by itself; nobody hands out work.
 ``cancel`` is checked between chunks; ``done`` counts finished elements and
 feeds the progress bar; ``active`` counts threads inside the job, so the caller
 knows when nobody can still be writing to the output after a cancel.
+
+Chunks are timed. The measured cost per element does two things:
+
+* it caps the chunk length so one chunk lasts about ``target_ns``: Ctrl-C, a
+  cancel after an error and the progress bar act within one chunk even for a
+  function that takes milliseconds per element, and the tail balances;
+* while only the caller works, it decides whether helpers are worth waking: once
+  the estimated remaining time exceeds ``escalate_ns``, ``on_escalate()`` is
+  called (once) and the engine posts the job to its workers. A small call is
+  thus finished by the caller alone, with no thread woken, whatever its size in
+  elements: the crossover is a time, not an element count.
 """
 cimport numpy as cnp
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int64_t, intptr_t
 from libc.stdlib cimport free, malloc
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from coremap._kernels._runner cimport kernel_t
 
@@ -35,6 +47,12 @@ cnp.import_array()
 SCHEDULES = {"static": 0, "dynamic": 1, "guided": 2}
 
 
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
 cdef class Job:
     """Shared state of one parallel call (see the module docstring)."""
 
@@ -43,6 +61,12 @@ cdef class Job:
     cdef readonly int schedule
     cdef readonly int64_t chunk          # static block / dynamic size / guided minimum
     cdef readonly int64_t max_chunk      # cap, so a chunk never runs for long
+    cdef readonly int64_t target_ns      # aimed duration of one chunk (0: no timing cap)
+    cdef readonly int64_t escalate_ns    # wake helpers once this much work remains
+    cdef int64_t _cap                    # current cap from the measured cost
+    cdef int64_t _escalate_pending
+    cdef double _ns_per_element
+    cdef public object on_escalate       # called once, in the caller, to wake helpers
     cdef int64_t _next
     cdef int64_t _done
     cdef int64_t _active
@@ -56,14 +80,22 @@ cdef class Job:
     cdef public object event             # set by the last thread to leave
 
     def __cinit__(self, int64_t n, int64_t workers, str schedule="guided",
-                  int64_t chunk=1, int64_t max_chunk=1 << 62):
-        if n < 0 or workers < 1 or chunk < 1 or max_chunk < 1:
+                  int64_t chunk=1, int64_t max_chunk=1 << 62, int64_t target_ns=0,
+                  int64_t first_chunk=0, int64_t escalate_ns=0):
+        if n < 0 or workers < 1 or chunk < 1 or max_chunk < 1 or target_ns < 0:
             raise ValueError("invalid Job parameters")
         self.n = n
         self.workers = workers
         self.schedule = SCHEDULES[schedule]
         self.chunk = chunk
         self.max_chunk = max_chunk
+        self.target_ns = target_ns
+        self.escalate_ns = escalate_ns
+        # Until a chunk has been timed the cost is unknown: start small.
+        self._cap = first_chunk if target_ns > 0 and 0 < first_chunk < max_chunk else max_chunk
+        self._ns_per_element = 0.0
+        self._escalate_pending = 0
+        self.on_escalate = None
         self._next = 0
         self._done = 0
         self._active = 0
@@ -108,8 +140,8 @@ cdef class Job:
                     size = self.chunk
             else:
                 size = self.chunk
-            if size > self.max_chunk:
-                size = self.max_chunk
+            if size > self._cap:
+                size = self._cap
             if size > rem:
                 size = rem
             if cm_cas(&self._next, &start, start + size):
@@ -117,6 +149,27 @@ cdef class Job:
                 hi[0] = start + size
                 return True
             # start now holds the value another thread stored; retry
+
+    cdef inline bint _observe(self, int64_t count, int64_t ns) noexcept nogil:
+        """Learn the cost per element from a timed chunk; True if helpers are due."""
+        cdef double per
+        cdef int64_t cap
+        if count <= 0:
+            return False
+        per = <double>ns / count
+        self._ns_per_element = per
+        if self.target_ns > 0:
+            cap = self.max_chunk if per <= 0 else <int64_t>(self.target_ns / per)
+            if cap < 1:
+                cap = 1
+            if cap > self.max_chunk:
+                cap = self.max_chunk
+            cm_store(&self._cap, cap)
+        if cm_load(&self._escalate_pending):
+            if (self.n - cm_load(&self._next)) * per > self.escalate_ns:
+                cm_store(&self._escalate_pending, 0)
+                return True
+        return False
 
     cdef inline void _record_failure(self, int64_t lo, int64_t hi) noexcept nogil:
         cdef int64_t expected = -1
@@ -148,8 +201,20 @@ cdef class Job:
             return (lo, hi)
         return None
 
-    def complete(self, int64_t lo, int64_t hi):
+    def complete(self, int64_t lo, int64_t hi, int64_t ns=0):
+        """Count ``[lo, hi)`` as done; ``ns``, its duration, tunes chunk sizes."""
         cm_fetch_add(&self._done, hi - lo)
+        if ns > 0 and self._observe(hi - lo, ns):
+            self.on_escalate()
+
+    def arm_escalation(self, callback):
+        """Call ``callback`` once, from the caller, when helpers are worth waking."""
+        self.on_escalate = callback
+        cm_store(&self._escalate_pending, 1 if callback is not None else 0)
+
+    @property
+    def ns_per_element(self):
+        return self._ns_per_element
 
     def fail(self, int64_t lo, int64_t hi):
         self._record_failure(lo, hi)
@@ -189,8 +254,9 @@ cdef class Job:
         With ``check_signals`` (only in the main thread), pending signals are
         handled between chunks, so Ctrl-C stops the call after one chunk.
         """
-        cdef int64_t lo, hi
+        cdef int64_t lo, hi, t0
         cdef bint stop = False
+        cdef bint wake
         cdef object pending = None
         if self._kernel == NULL:
             raise RuntimeError("Job has no native kernel")
@@ -201,10 +267,20 @@ cdef class Job:
                 while not stop and cm_load(&self._cancel) == 0:
                     if not self._claim(&lo, &hi):
                         break
+                    t0 = now_ns()
                     if self._kernel(self._ptrs, self._meta, lo, hi) == 0:
                         self._record_failure(lo, hi)
                         break
                     cm_fetch_add(&self._done, hi - lo)
+                    wake = self._observe(hi - lo, now_ns() - t0)
+                    if wake:
+                        with gil:
+                            try:
+                                self.on_escalate()
+                            except BaseException as exc:
+                                pending = exc
+                                stop = True
+                                cm_store(&self._cancel, 1)
                     if check_signals:
                         with gil:
                             try:

@@ -1,17 +1,18 @@
 """The thread engine: a persistent pool of worker threads.
 
     parallel_map ──> ThreadEngine.run(job, task, workers=k)
-                        │ put (task, job) on k-1 worker queues (no wait)
-                        │ task(job, caller=True)        the caller works too
+                        │ task(job, caller=True)        the caller starts alone
+                        │   └─ job.on_escalate() ──> put (task, job) on k-1 worker queues
                         │ wait: job.finished or Ctrl-C
     worker i: loop { (task, job) = queue.get(); task(job, caller=False) }
 
 Workers are created on first use and live for the process (daemon threads, so
-they never block interpreter exit). The caller does not wait for a worker to
-wake up: chunks are claimed from the job's atomic counter, so a worker that
-arrives late finds no work and goes back to its queue. That makes a small call
-cost the caller's own compute plus a few queue puts, and a large one use every
-worker as soon as it is awake.
+they never block interpreter exit). The caller starts on the job alone and
+times its chunks; helpers are posted only once the job estimates that the work
+left is worth it (``Job.escalate_ns``). So a small call wakes no thread at all,
+and a big one has its helpers within one small first chunk. Nobody waits for a
+helper to wake: chunks are claimed from the job's atomic counter, and a helper
+that arrives late finds no work and goes back to its queue.
 
 Threads only help when the task releases the GIL: compiled kernels run in
 Cython without it, and NumPy releases it inside ufunc loops.
@@ -87,9 +88,15 @@ class ThreadEngine:
         ``job.done`` every ``poll`` seconds until the job is finished.
         """
         job.event = threading.Event()
-        helpers = workers if on_progress is not None else workers - 1
-        for q in self._ensure(helpers):
-            q.put((task, job))
+
+        def post(count):
+            for q in self._ensure(count):
+                q.put((task, job))
+
+        if on_progress is not None:
+            post(workers)
+        elif workers > 1:
+            job.arm_escalation(lambda: post(workers - 1))
         try:
             if on_progress is None:
                 task(job, True)

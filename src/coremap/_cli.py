@@ -1,0 +1,39 @@
+"""The ``coremap`` command: ``demo``, ``info`` (and ``bench`` when installed)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(args) -> int:
+    from coremap import _info
+
+    _info.show()
+    return 0
+
+
+def _demo(args) -> int:
+    from coremap import _demo
+
+    rows = _demo.run(n_w2=args.n_w2, n_w3=args.n_w3, repeat=args.repeat)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="coremap", description="Element-wise work over NumPy arrays on every core."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run W2 and W3 with NumPy and with coremap, and compare")
+    p.add_argument("--n-w2", type=int, default=20_000_000, help="elements for W2")
+    p.add_argument("--n-w3", type=int, default=1_000_000, help="elements for W3 sorted")
+    p.add_argument("--repeat", type=int, default=3, help="timed repeats (median)")
+    p.set_defaults(run=_demo)
+    p = sub.add_parser("info", help="cores, engines, Numba, shared memory, optional backends")
+    p.set_defaults(run=_info)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""``coremap info``: what a user (or a bug report) needs to know about this install."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+
+from coremap import _config
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def collect() -> dict:
+    """The facts as a dict (``coremap info`` prints them)."""
+    import coremap
+
+    facts: dict = {
+        "coremap": coremap.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "usable cores": _config.usable_cores(),
+        "machine cores": os.cpu_count(),
+        "default workers": _config.default_workers(),
+        "default backend": _config.default_backend(),
+    }
+    try:
+        from coremap._kernels import _builtin, _runner  # noqa: F401
+
+        facts["compiled extension"] = "loaded"
+    except ImportError as exc:  # pragma: no cover - a broken install
+        facts["compiled extension"] = f"NOT loaded: {exc}"
+    facts["numpy"] = _version("numpy")
+    facts["numba"] = _version("numba")
+    try:
+        import numba
+
+        facts["numba threading layer"] = (
+            f"{numba.config.THREADING_LAYER} (not used: coremap kernels are parallel=False)"
+        )
+    except ImportError:
+        facts["numba threading layer"] = "numba not installed"
+    facts["engines"] = "serial, threads"
+    facts["process start method"] = (
+        "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    )
+    if os.path.isdir("/dev/shm"):
+        usage = shutil.disk_usage("/dev/shm")
+        facts["/dev/shm"] = f"{usage.total / 2**30:.1f} GiB, {usage.free / 2**30:.1f} GiB free"
+    else:
+        facts["/dev/shm"] = "absent"
+    for name in ("ipyparallel", "dask", "distributed"):
+        facts[name] = _version(name) or "not installed"
+    for name in ("numexpr", "joblib", "threadpoolctl", "tqdm", "cloudpickle"):
+        facts[name] = _version(name) or "not installed"
+    return facts
+
+
+def show(file=None) -> None:
+    file = file or sys.stdout
+    facts = collect()
+    width = max(len(k) for k in facts)
+    for key, value in facts.items():
+        print(f"{key:<{width}} : {value}", file=file)
+    if importlib.util.find_spec("coremap._kernels._runner") is None:  # pragma: no cover
+        print("the compiled extension is missing: reinstall with `pip install .`", file=file)
