@@ -19,6 +19,21 @@ def _demo(args) -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
+def _bench(args) -> int:
+    from coremap import _bench
+
+    workloads = args.workload or list(_bench.WORKLOADS)
+    unknown = [w for w in workloads if w not in _bench.WORKLOADS]
+    if unknown:
+        print(f"unknown workload(s) {unknown}; choose from {list(_bench.WORKLOADS)}",
+              file=sys.stderr)
+        return 2
+    rows = _bench.run(workloads, quick=args.quick)
+    if args.json:
+        _bench.to_json(rows, args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="coremap", description="Element-wise work over NumPy arrays on every core."
@@ -29,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-w3", type=int, default=1_000_000, help="elements for W3 sorted")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats (median)")
     p.set_defaults(run=_demo)
+    p = sub.add_parser("bench", help="the BENCHMARKS.md workloads, head to head with the peers")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    p.add_argument("--workload", action="append", help="W1, W2, W3, W5, W6 or JIT (repeatable)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.set_defaults(run=_bench)
     p = sub.add_parser("info", help="cores, engines, Numba, shared memory, optional backends")
     p.set_defaults(run=_info)
     args = parser.parse_args(argv)

@@ -278,7 +278,10 @@ def execute(plan, progress: bool = False) -> np.ndarray:
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=plan.size, unit="el", unit_scale=True, file=sys.stderr,
+        class _Bar(tqdm):
+            monitor_interval = 0  # the engine updates the bar itself: no monitor thread
+
+        bar = _Bar(total=plan.size, unit="el", unit_scale=True, file=sys.stderr,
                    desc=plan.func_name)
 
         def on_progress(done):

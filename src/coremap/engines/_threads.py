@@ -95,8 +95,10 @@ class ThreadEngine:
 
         if on_progress is not None:
             post(workers)
-        elif workers > 1:
+        elif workers > 1 and job.target_ns > 0:
             job.arm_escalation(lambda: post(workers - 1))
+        elif workers > 1:  # untimed (static schedule): every worker from the start
+            post(workers - 1)
         try:
             if on_progress is None:
                 task(job, True)

@@ -1,0 +1,381 @@
+"""``coremap bench``: the workloads of BENCHMARKS.md, head to head, in one process.
+
+Every workload builds its contenders (NumPy, the installed peers, coremap),
+warms each once (JIT compiles, page faults), then times them interleaved, in a
+rotating order, ``repeat`` times, and reports medians. Ratios are only ever
+taken between timings of the same run: the machines are shared and noisy.
+
+Peers that are not installed are skipped with a note (``pip install
+"coremap[bench]"`` installs them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+import coremap as cm
+from coremap import _config, _workloads
+
+WORKLOADS = ("W1", "W2", "W3", "W5", "W6", "JIT")
+
+
+@dataclasses.dataclass
+class Row:
+    workload: str
+    contender: str
+    seconds: float
+    speedup: float | None = None  # over the workload's baseline (NumPy, or Numba 1 thread)
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def time_interleaved(contenders: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median seconds per contender, each warmed once, timed in rotating order."""
+    for fn in contenders.values():
+        fn()
+    names = list(contenders)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeat):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t = time.perf_counter()
+            contenders[name]()
+            samples[name].append(time.perf_counter() - t)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+# -- peers -------------------------------------------------------------------------------
+
+def _numba_peers(scalar, out_dtype=np.float64):
+    """Numba's own parallel targets for a scalar function, and a 1-thread loop."""
+    import numba
+
+    jf = numba.njit(scalar)
+    vec_par = numba.vectorize(["float64(float64)"], target="parallel")(scalar)
+
+    @numba.njit(parallel=True)
+    def prange_fresh(x):
+        o = np.empty(x.size, out_dtype)
+        for i in numba.prange(x.size):
+            o[i] = jf(x[i])
+        return o
+
+    @numba.njit(parallel=True)
+    def prange_out(x, o):
+        for i in numba.prange(x.size):
+            o[i] = jf(x[i])
+
+    @numba.njit
+    def serial(x, o):
+        for i in range(x.size):
+            o[i] = jf(x[i])
+
+    return vec_par, prange_fresh, prange_out, serial
+
+
+def _numexpr(expr: str, x):
+    import numexpr
+
+    numexpr.set_num_threads(_config.usable_cores())
+    return lambda: numexpr.evaluate(expr, local_dict={"x": x})
+
+
+def _pool_map_chunks(scalar_name: str, x, chunks: int):
+    """multiprocessing.Pool.map over ``chunks`` pieces (forkserver): the stdlib way."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    pool = ctx.Pool(_config.usable_cores())
+    pieces = np.array_split(x, chunks)
+
+    def run():
+        return np.concatenate(pool.map(_chunk_apply, [(scalar_name, p) for p in pieces]))
+
+    return run, pool
+
+
+def _chunk_apply(args):
+    name, piece = args
+    import numba
+
+    from coremap import _workloads as w
+
+    f = _JIT_CACHE.get(name)
+    if f is None:
+        scalar = numba.njit(getattr(w, name))
+
+        @numba.njit
+        def loop(x):
+            o = np.empty(x.size, np.int64)
+            for i in range(x.size):
+                o[i] = scalar(x[i])
+            return o
+
+        f = _JIT_CACHE[name] = loop
+    return f(piece)
+
+
+_JIT_CACHE: dict = {}
+
+
+# -- workloads ---------------------------------------------------------------------------
+
+def bench_w1(n: int, repeat: int) -> list[Row]:
+    x = _workloads.data(n)
+    o = np.empty_like(x)
+    contenders = {"numpy": lambda: _workloads.w1_numpy(x)}
+    if _has("numexpr"):
+        contenders["numexpr"] = _numexpr("2.0*x + 1.0", x)
+    vec_par, prange_fresh, prange_out, _ = _numba_peers(_workloads.w1)
+    contenders["numba vectorize parallel"] = lambda: vec_par(x)
+    contenders["numba prange"] = lambda: prange_fresh(x)
+    contenders["numba prange, out="] = lambda: prange_out(x, o)
+    aff = cm.kernels.affine(2.0, 1.0)
+    contenders["coremap"] = lambda: cm.parallel_map(x, _workloads.w1)
+    contenders["coremap, out="] = lambda: cm.parallel_map(x, _workloads.w1, out=o)
+    contenders["coremap affine, out="] = lambda: cm.parallel_map(x, aff, out=o)
+    contenders["copy, 2 threads (bandwidth)"] = lambda: cm.parallel_map(x, np.positive, out=o)
+    t = time_interleaved(contenders, repeat)
+    base = t["numpy"]
+    rows = [Row(f"W1 {n:.0e}", k, v, base / v) for k, v in t.items()]
+    peers_out = t["numba prange, out="]
+    copy = t["copy, 2 threads (bandwidth)"]
+    for r in rows:
+        if r.contender == "coremap":
+            r.target, r.met = ">= 1.5x numpy", r.speedup >= 1.5
+        elif r.contender.startswith("coremap") and "out=" in r.contender:
+            ok_peer = r.seconds <= peers_out
+            ok_bw = copy / r.seconds >= 0.85
+            r.target = ">= prange out=, >= 85% copy bw"
+            r.met = ok_peer and ok_bw
+            r.note = f"{peers_out / r.seconds:.2f}x prange out=, {copy / r.seconds:.0%} of copy bw"
+    return rows
+
+
+def bench_w2(n: int, repeat: int) -> list[Row]:
+    x = _workloads.data(n)
+    contenders = {"numpy": lambda: _workloads.w2_numpy(x)}
+    if _has("numexpr"):
+        contenders["numexpr"] = _numexpr("sin(x)*exp(-x*x) + sqrt(x)", x)
+    vec_par, prange_fresh, _, _ = _numba_peers(_workloads.w2)
+    contenders["numba vectorize parallel"] = lambda: vec_par(x)
+    contenders["numba prange"] = lambda: prange_fresh(x)
+    contenders["coremap"] = lambda: cm.parallel_map(x, _workloads.w2)
+    contenders["coremap workers=1"] = lambda: cm.parallel_map(x, _workloads.w2, workers=1)
+    t = time_interleaved(contenders, repeat)
+    base = t["numpy"]
+    rows = [Row(f"W2 {n:.0e}", k, v, base / v) for k, v in t.items()]
+    best_peer = min(v for k, v in t.items() if not k.startswith("coremap") and k != "numpy")
+    for r in rows:
+        if r.contender == "coremap":
+            peer_ratio = best_peer / r.seconds
+            scaling = t["coremap workers=1"] / r.seconds
+            r.target = ">= 1.1x best peer, >= 1.85x workers=1"
+            r.met = peer_ratio >= 1.1 and scaling >= 1.85
+            r.note = f"{peer_ratio:.2f}x best peer, {scaling:.2f}x workers=1"
+    return rows
+
+
+def bench_w3(n: int, repeat: int, pool: bool = True) -> list[Row]:
+    rows = []
+    for sort in (False, True):
+        x = _workloads.data(n, sort=sort)
+        vec_par, prange_fresh, _, serial = _numba_peers(_workloads.w3, np.int64)
+        o = np.empty(n, np.int64)
+        contenders = {
+            "numba 1 thread": lambda: serial(x, o),
+            "numba vectorize parallel": lambda: vec_par(x),
+            "numba prange": lambda: prange_fresh(x),
+        }
+        mp_pool = None
+        if pool:
+            contenders["mp.Pool.map, 64 chunks"], mp_pool = _pool_map_chunks("w3", x, 64)
+        contenders["coremap"] = lambda: cm.parallel_map(x, _workloads.w3)
+        contenders["coremap workers=1"] = lambda: cm.parallel_map(x, _workloads.w3, workers=1)
+        try:
+            t = time_interleaved(contenders, repeat)
+        finally:
+            if mp_pool is not None:
+                mp_pool.terminate()
+                mp_pool.join()
+        base = t["numba 1 thread"]
+        name = f"W3 {'sorted' if sort else 'random'} {n:.0e}"
+        part = [Row(name, k, v, base / v) for k, v in t.items()]
+        numba_par = min(t["numba vectorize parallel"], t["numba prange"])
+        best_peer = min(v for k, v in t.items() if not k.startswith("coremap") and "1 thread" not in k)
+        for r in part:
+            if r.contender != "coremap":
+                continue
+            scaling = t["coremap workers=1"] / r.seconds
+            if sort:
+                r.target = ">= 1.6x numba parallel, >= 1.85x workers=1"
+                r.met = numba_par / r.seconds >= 1.6 and scaling >= 1.85
+                r.note = f"{numba_par / r.seconds:.2f}x numba parallel, {scaling:.2f}x workers=1"
+            else:
+                r.target = ">= best peer"
+                r.met = r.seconds <= best_peer
+                r.note = f"{best_peer / r.seconds:.2f}x best peer"
+        rows += part
+    return rows
+
+
+def bench_w5(repeat: int) -> list[Row]:
+    import timeit
+
+    x = _workloads.data(1000)
+    import numba
+
+    vec_cpu = numba.vectorize(["float64(float64)"])(_workloads.w1)
+    aff = cm.kernels.affine(2.0, 1.0)
+    contenders = {
+        "numpy": lambda: _workloads.w1_numpy(x),
+        "numba vectorize cpu": lambda: vec_cpu(x),
+        "coremap": lambda: cm.parallel_map(x, _workloads.w1),
+        "coremap affine": lambda: cm.parallel_map(x, aff),
+    }
+    for fn in contenders.values():
+        fn()
+    t = {}
+    for _ in range(repeat):
+        for k, fn in contenders.items():
+            t.setdefault(k, []).append(min(timeit.repeat(fn, number=200, repeat=3)) / 200)
+    t = {k: statistics.median(v) for k, v in t.items()}
+    rows = [Row("W5 1e+03", k, v, t["numpy"] / v) for k, v in t.items()]
+    for r in rows:
+        if r.contender.startswith("coremap"):
+            r.target, r.met = "<= 6x numpy", r.seconds <= 6 * t["numpy"]
+            r.note = f"{r.seconds / t['numpy']:.1f}x numpy's time"
+    return rows
+
+
+def bench_w6(n: int, repeat: int) -> list[Row]:
+    base = _workloads.data(n)
+    side = int(np.sqrt(n))
+    variants = {
+        "contiguous float64": (base,),
+        "float32": (base.astype(np.float32),),
+        "Fortran 2-D": (np.asfortranarray(base[: side * side].reshape(side, side)),),
+        "strided view": (_workloads.data(2 * n)[::2],),
+        "two broadcast inputs": (base[: side].reshape(side, 1), base[side: 2 * side].reshape(1, side)),
+    }
+
+    def two(a, b):
+        return _workloads.w2(a) + b
+
+    contenders = {}
+    for name, arrays in variants.items():
+        func = two if len(arrays) == 2 else _workloads.w2
+        arg = arrays if len(arrays) == 2 else arrays[0]
+        contenders[name] = (lambda a=arg, f=func: cm.parallel_map(a, f))
+    t = time_interleaved(contenders, repeat)
+    sizes = {k: int(np.prod(np.broadcast_shapes(*(a.shape for a in v)))) for k, v in variants.items()}
+    ref = t["contiguous float64"] / sizes["contiguous float64"]
+    rows = []
+    for k, v in t.items():
+        per = v / sizes[k]
+        r = Row(f"W6 {n:.0e}", k, v, ref / per, target="within 1.3x of contiguous per element")
+        r.met = per <= 1.3 * ref
+        r.note = f"{per / ref:.2f}x contiguous time per element"
+        rows.append(r)
+    return rows
+
+
+def bench_jit(repeat: int) -> list[Row]:
+    """First call of a new scalar function (compile), and a warm call's overhead."""
+    from coremap._kernels import _numba, _runner
+
+    x = _workloads.data(100_000)
+    cm.parallel_map(x[:10], _workloads.w1)  # Numba imported and initialised
+    firsts = []
+    for k in range(repeat):
+        src = f"def f{k}(v):\n    return np.sin(v) * {k + 2}.0 + v\n"
+        ns = {"np": np}
+        exec(src, ns)
+        f = ns[f"f{k}"]
+        t0 = time.perf_counter()
+        cm.parallel_map(x, f)
+        firsts.append(time.perf_counter() - t0)
+    first = statistics.median(firsts)
+    rows = [Row("JIT", "first call, new function (compile + run 1e5)", first,
+                target="<= 0.5 s", met=first <= 0.5)]
+    small = x[:1000]
+    out = np.empty_like(small)
+    addr = _numba.kernel_address(_workloads.w2, (small.dtype,), small.dtype, "cc")
+    ptrs = [small.ctypes.data, out.ctypes.data]
+    meta = [small.size, 0, 0, 1, 0, 0, 1]
+    t = time_interleaved({
+        "kernel alone": lambda: _runner.run_inline(addr, ptrs, meta, 0, small.size),
+        "coremap warm call": lambda: cm.parallel_map(small, _workloads.w2),
+    }, max(repeat, 5) * 200)
+    over = t["coremap warm call"] - t["kernel alone"]
+    rows.append(Row("JIT", "warm call overhead over the kernel (1e3 elements)", over,
+                    target="<= 20 us", met=over <= 20e-6, note=f"{over * 1e6:.1f} us"))
+    return rows
+
+
+# -- driver ------------------------------------------------------------------------------
+
+def machine() -> str:
+    from coremap._info import _cpu_name, _version
+
+    vers = ", ".join(
+        f"{m} {_version(m)}" for m in ("numpy", "numba", "numexpr") if _version(m)
+    )
+    return (f"{_config.usable_cores()} cores, {_cpu_name()}, Python {platform.python_version()}, "
+            f"{vers}, coremap {cm.__version__}")
+
+
+def run(workloads=WORKLOADS, quick: bool = False, file=None) -> list[Row]:
+    file = file or sys.stdout
+    repeat = 3 if quick else 7
+    big = 10**7
+    rows: list[Row] = []
+    print(f"machine: {machine()}", file=file)
+    if not _has("numexpr"):
+        print("note: numexpr not installed, skipped (pip install 'coremap[bench]')", file=file)
+    steps = {
+        "W1": lambda: bench_w1(big, repeat) + ([] if quick else bench_w1(10**8, 3)),
+        "W2": lambda: bench_w2(big, repeat),
+        "W3": lambda: bench_w3(10**6 if not quick else 3 * 10**5, repeat, pool=not quick),
+        "W5": lambda: bench_w5(repeat),
+        "W6": lambda: bench_w6(big if not quick else 10**6, repeat),
+        "JIT": lambda: bench_jit(repeat),
+    }
+    for w in workloads:
+        part = steps[w]()
+        print_table(part, file=file)
+        rows += part
+    return rows
+
+
+def print_table(rows: list[Row], file=None) -> None:
+    file = file or sys.stdout
+    print(f"\n{'workload':16} {'contender':34} {'median':>10} {'speed-up':>9}  "
+          f"{'target':42} {'met':4} note", file=file)
+    for r in rows:
+        sec = f"{r.seconds * 1e3:.2f} ms" if r.seconds >= 1e-4 else f"{r.seconds * 1e6:.1f} us"
+        sp = f"{r.speedup:.2f}x" if r.speedup is not None else ""
+        met = "" if r.met is None else ("yes" if r.met else "NO")
+        print(f"{r.workload:16} {r.contender:34} {sec:>10} {sp:>9}  {r.target:42} {met:4} {r.note}",
+              file=file)
+    file.flush()
+
+
+def to_json(rows: list[Row], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), "pid": os.getpid(),
+                   "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)

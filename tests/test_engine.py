@@ -1,0 +1,328 @@
+"""The thread engine: GIL-free kernels, scheduling, bit-identical results, Ctrl-C, config."""
+from __future__ import annotations
+
+import decimal
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from helpers import same_bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import coremap as cm
+from coremap import _workloads
+from coremap._kernels import _runner
+from coremap.engines import thread_engine
+
+
+def spin(v):
+    s = v
+    for _ in range(200):
+        s = s * 0.999 + 0.001
+    return s
+
+
+# -- bit-identical across workers and chunk sizes ----------------------------------------
+
+SPECIALS = np.array([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-308, 5e-324, -1.5],
+                    dtype=np.float64)
+# a NaN with a payload
+SPECIALS[1] = np.frombuffer(np.uint64(0x7FF8_0000_0000_BEEF).tobytes(), np.float64)[0]
+
+
+def keep(v):
+    return v * 1.0
+
+
+def kernel_w2(v):
+    return np.sin(v) * np.exp(-v * v) + np.sqrt(abs(v))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(0, 5000),
+    workers=st.sampled_from([1, 2, 3, 8]),
+    chunk=st.one_of(st.none(), st.integers(1, 3000)),
+    schedule=st.sampled_from(["guided", "dynamic", "static"]),
+)
+def test_bit_identical_any_workers_and_chunks(n, workers, chunk, schedule):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n) * 10
+    x[: min(n, SPECIALS.size)] = SPECIALS[: min(n, SPECIALS.size)]
+    ref = cm.parallel_map(x, kernel_w2, backend="serial")
+    got = cm.parallel_map(x, kernel_w2, backend="threads", workers=workers, chunk_size=chunk,
+                          schedule=schedule)
+    assert same_bits(got, ref)
+    ref = cm.parallel_map(x, keep, backend="serial")
+    assert same_bits(ref, x)  # NaN payloads and -0.0 survive a kernel
+    got = cm.parallel_map(x, np.cbrt, backend="threads", workers=workers, chunk_size=chunk,
+                          schedule=schedule)
+    assert same_bits(got, np.cbrt(x))
+
+
+# -- the runner --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["guided", "dynamic", "static"])
+@pytest.mark.parametrize("n, workers, chunk", [(0, 1, 1), (1, 4, 1), (10, 3, 3), (10_007, 2, 64)])
+def test_job_claims_cover_range_once(schedule, n, workers, chunk):
+    job = _runner.Job(n, workers, schedule, chunk, 1 << 20)
+    seen = np.zeros(n, np.int64)
+    assert job.enter() == (n > 0)
+    while (c := job.claim()) is not None:
+        lo, hi = c
+        assert 0 <= lo < hi <= n
+        seen[lo:hi] += 1
+        job.complete(lo, hi)
+    if n:
+        job.leave()
+    assert np.all(seen == 1)
+    assert job.done == n and job.finished
+
+
+def test_guided_chunks_shrink():
+    job = _runner.Job(100_000, 2, "guided", 100, 1 << 30)
+    sizes = []
+    while (c := job.claim()) is not None:
+        sizes.append(c[1] - c[0])
+    assert sizes[0] == 25_000  # remaining / (2 * workers)
+    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[-2] == 100  # the minimum, then the rest
+
+
+def test_timed_chunks_are_capped():
+    job = _runner.Job(1_000_000, 2, "guided", 1, 1 << 30, target_ns=1_000_000, first_chunk=10)
+    lo, hi = job.claim()
+    assert hi - lo == 10  # cost unknown: a small first chunk
+    job.complete(lo, hi, 10 * 10_000)  # 10 us per element
+    lo, hi = job.claim()
+    assert hi - lo == 100  # 1 ms of work
+
+
+def test_cancel_stops_claims():
+    job = _runner.Job(100, 1, "dynamic", 10)
+    assert job.claim() == (0, 10)
+    job.cancel()
+    assert job.claim() is None and job.cancelled
+
+
+# -- the engine --------------------------------------------------------------------------
+
+def _median_time(fn, repeat=5):
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@pytest.mark.skipif(cm._config.usable_cores() < 2, reason="needs two cores")
+def test_threads_run_without_the_gil():
+    """Two workers beat one on a compute-bound kernel: the kernel holds no GIL."""
+    x = np.random.default_rng(0).random(200_000)
+    out = np.empty_like(x)
+    cm.parallel_map(x, spin, out=out)  # compile
+    one = _median_time(lambda: cm.parallel_map(x, spin, out=out, workers=1, backend="threads"))
+    two = _median_time(lambda: cm.parallel_map(x, spin, out=out, workers=2, backend="threads"))
+    assert one / two > 1.3, f"1 worker {one:.4f}s, 2 workers {two:.4f}s"
+
+
+def test_small_call_stays_in_calling_thread():
+    thread_engine().shutdown()
+    x = np.arange(1000.0)
+    cm.parallel_map(x, keep)
+    cm.parallel_map(x, np.sin)
+    assert thread_engine().size == 0  # no helper was worth waking
+
+
+def test_large_call_uses_helpers():
+    x = np.random.default_rng(0).random(300_000)
+    cm.parallel_map(x, spin, workers=2)
+    assert thread_engine().size >= 1
+
+
+def test_progress_bar(capsys):
+    x = np.random.default_rng(0).random(100_000)
+    got = cm.parallel_map(x, keep, progress=True, workers=2)
+    np.testing.assert_array_equal(got, x)
+    err = capsys.readouterr().err
+    assert "100%" in err and "100k" in err
+    cm.parallel_map(x, keep, progress=True, backend="serial")
+    assert "100%" in capsys.readouterr().err
+
+
+def test_concurrent_callers_share_the_pool():
+    import concurrent.futures
+
+    x = np.random.default_rng(0).random(200_000)
+    want = cm.parallel_map(x, spin, backend="serial")
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda _: cm.parallel_map(x, spin, workers=2), range(8)))
+    for r in results:
+        assert same_bits(r, want)
+
+
+def test_nested_call_does_not_deadlock():
+    def outer(chunk):
+        return cm.parallel_map(chunk, keep, workers=2)
+
+    x = np.random.default_rng(0).random(200_000)
+    got = cm.parallel_map(x, outer, vectorized=True, workers=2, chunk_size=10_000)
+    np.testing.assert_array_equal(got, x)
+
+
+# -- config ------------------------------------------------------------------------------
+
+def test_config_context_and_env(monkeypatch):
+    x = np.ones(10)
+    assert cm.explain(x, keep).workers == cm._config.usable_cores()
+    with cm.config(workers=3, backend="threads"):
+        plan = cm.explain(x, keep)
+        assert plan.workers == 3 and plan.engine == "threads"
+        with cm.config(backend="serial"):
+            assert cm.explain(x, keep).engine == "serial"
+        assert cm.explain(x, keep).engine == "threads"
+    monkeypatch.setenv("COREMAP_WORKERS", "5")
+    monkeypatch.setenv("COREMAP_BACKEND", "threads")
+    plan = cm.explain(x, keep)
+    assert plan.workers == 5 and plan.engine == "threads"
+    assert cm.explain(x, keep, workers=1, backend="serial").workers == 1
+    monkeypatch.setenv("COREMAP_WORKERS", "many")
+    with pytest.raises(ValueError, match="COREMAP_WORKERS"):
+        cm.parallel_map(x, keep)
+    monkeypatch.setenv("COREMAP_WORKERS", "2")
+    monkeypatch.setenv("COREMAP_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="COREMAP_BACKEND"):
+        cm.parallel_map(x, keep)
+
+
+def test_config_is_thread_local():
+    import threading
+
+    seen = []
+    with cm.config(workers=7):
+        t = threading.Thread(target=lambda: seen.append(cm.explain(np.ones(3), keep).workers))
+        t.start()
+        t.join(10)
+    assert seen == [cm._config.usable_cores()]
+
+
+def test_config_validates():
+    with pytest.raises(ValueError):
+        with cm.config(workers=0):
+            pass
+    with pytest.raises(ValueError):
+        with cm.config(backend="nope"):
+            pass
+
+
+def test_fast_path_respects_config():
+    x = np.random.default_rng(0).random(300_000)
+    thread_engine().shutdown()
+    cm.parallel_map(x, spin)  # cached under the default config
+    thread_engine().shutdown()
+    with cm.config(workers=1):
+        cm.parallel_map(x, spin)
+    assert thread_engine().size == 0
+
+
+# -- explain -----------------------------------------------------------------------------
+
+def test_explain_reports_plan():
+    x = np.random.default_rng(0).random(10**6)
+    plan = cm.explain(x, kernel_w2)
+    text = str(plan)
+    assert plan.engine == "threads" and plan.kind == "numba"
+    assert "Numba compiled it" in text and "guided" in text and "1,000,000" in text
+    plan = cm.explain(x, np.sin, workers=1)
+    assert plan.engine == "serial" and "workers=1" in str(plan)
+    plan = cm.explain(x, cm.kernels.affine(2.0, 1.0))
+    assert plan.kind == "builtin"
+    plan = cm.explain(x, lambda c: c, vectorized=True)
+    assert plan.kind == "vectorized" and plan.out_dtype is None
+    plan = cm.explain(x, lambda v: float(decimal.Decimal(v)))
+    assert plan.kind == "python" and plan.engine == "serial"
+    assert "Numba could not compile" in str(plan)
+    assert repr(plan) == str(plan)
+
+
+def test_explain_validates_like_parallel_map():
+    with pytest.raises(ValueError):
+        cm.explain(np.ones(3), keep, workers=0)
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------
+
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    import coremap as cm
+
+    def slow(v):
+        s = 0.0
+        for i in range(20000):
+            s += np.sin(v + i)
+        return s
+
+    def slow_chunk(c):
+        time.sleep(0.05)
+        return c
+
+    kind = sys.argv[1]
+    x = np.random.default_rng(0).random(2_000_000)
+    if kind == "numba":
+        cm.parallel_map(x[:10], slow)
+        call = lambda: cm.parallel_map(x, slow)
+    else:
+        call = lambda: cm.parallel_map(x, slow_chunk, vectorized=True, chunk_size=1000)
+    print("ready", flush=True)
+    t = time.perf_counter()
+    try:
+        call()
+    except KeyboardInterrupt:
+        print(f"interrupted {time.perf_counter() - t:.3f}", flush=True)
+        sys.exit(3)
+    print("finished", flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["numba", "vectorized"])
+def test_ctrl_c_stops_within_a_second(kind, tmp_path):
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), kind], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+        elapsed = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 3, out
+    assert out.startswith("interrupted")
+    assert elapsed < 3.0, f"exited {elapsed:.2f}s after Ctrl-C"
+    reported = float(out.split()[1]) - 0.5
+    assert reported < 1.0, f"KeyboardInterrupt {reported:.2f}s after Ctrl-C"
+
+
+def test_workloads_match_numpy():
+    x = _workloads.data(20_000, sort=True)
+    np.testing.assert_allclose(cm.parallel_map(x, _workloads.w2), _workloads.w2_numpy(x),
+                               rtol=1e-12)
+    np.testing.assert_array_equal(cm.parallel_map(x, _workloads.w3), _workloads.w3_numpy(x))
+    np.testing.assert_array_equal(cm.parallel_map(x, _workloads.w1), _workloads.w1_numpy(x))
