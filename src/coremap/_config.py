@@ -80,6 +80,27 @@ def get(key: str) -> object | None:
     return _from_env(key)
 
 
+# os.environ.get costs ~1.7 us for a missing key (a KeyError raised and caught
+# inside Mapping.get); the fast path reads two variables per call, so it looks
+# in the environment's underlying dict instead (CPython's os._Environ._data,
+# bytes keys on POSIX), falling back to os.environ elsewhere.
+_ENV_DATA = getattr(os.environ, "_data", None)
+if not (isinstance(_ENV_DATA, dict) and os.name == "posix"):
+    _ENV_DATA = None
+
+
+def _raw_env_pair() -> tuple:
+    if _ENV_DATA is not None:
+        return _ENV_DATA.get(b"COREMAP_WORKERS"), _ENV_DATA.get(b"COREMAP_BACKEND")
+    return os.environ.get("COREMAP_WORKERS"), os.environ.get("COREMAP_BACKEND")
+
+
+def defaults_key() -> tuple:
+    """A cheap fingerprint of the current defaults (for caches of decisions)."""
+    stack = getattr(_local, "stack", None)
+    return (tuple(tuple(f.items()) for f in stack) if stack else None, *_raw_env_pair())
+
+
 def default_workers() -> int:
     value = get("workers")
     return usable_cores() if value is None else int(value)  # type: ignore[arg-type]

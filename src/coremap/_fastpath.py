@@ -54,7 +54,7 @@ def _key(func, items):
         return None, None
     if type(func) is Affine:  # a new affine(a, b) per call must not miss the cache
         func = (Affine, type(func.a), type(func.b))
-    return (func, shape, *parts, _config.get("workers"), _config.get("backend")), shape
+    return (func, shape, *parts, _config.defaults_key()), shape
 
 
 def lookup(arrays, func):

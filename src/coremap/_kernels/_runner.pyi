@@ -3,6 +3,7 @@ from collections.abc import Callable
 from threading import Event
 
 SCHEDULES: dict[str, int]
+STATE_BYTES: int  # sizeof(JobState): the shared part of a Job
 
 class Job:
     n: int  # int64_t
@@ -24,7 +25,11 @@ class Job:
         target_ns: int = ...,
         first_chunk: int = ...,
         escalate_ns: int = ...,
+        state: int = ...,  # JobState* in shared memory, or 0 for the Job's own
+        init: bool = ...,
+        state_owner: object = ...,
     ) -> None: ...
+    def set_slot(self, address: int) -> None: ...  # int64_t[2]
     def arm_escalation(self, callback: Callable[[], None] | None) -> None: ...
     @property
     def ns_per_element(self) -> float: ...  # double

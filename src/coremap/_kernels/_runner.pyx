@@ -53,6 +53,23 @@ cdef inline int64_t now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+cdef struct JobState:
+    # Everything threads (or processes) share about a job. It lives in the Job
+    # object, or, for the process engine, in a shared-memory control block.
+    int64_t next
+    int64_t done
+    int64_t active
+    int64_t cancel
+    int64_t err_lo
+    int64_t err_hi
+    int64_t cap
+    int64_t escalate_pending
+    double ns_per_element
+
+
+STATE_BYTES = sizeof(JobState)
+
+
 cdef class Job:
     """Shared state of one parallel call (see the module docstring)."""
 
@@ -63,16 +80,11 @@ cdef class Job:
     cdef readonly int64_t max_chunk      # cap, so a chunk never runs for long
     cdef readonly int64_t target_ns      # aimed duration of one chunk (0: no timing cap)
     cdef readonly int64_t escalate_ns    # wake helpers once this much work remains
-    cdef int64_t _cap                    # current cap from the measured cost
-    cdef int64_t _escalate_pending
-    cdef double _ns_per_element
     cdef public object on_escalate       # called once, in the caller, to wake helpers
-    cdef int64_t _next
-    cdef int64_t _done
-    cdef int64_t _active
-    cdef int64_t _cancel
-    cdef int64_t _err_lo
-    cdef int64_t _err_hi
+    cdef JobState _own                   # the state, unless it lives in shared memory
+    cdef JobState *st
+    cdef int64_t *slot                   # this thread's [lo, hi) in flight, or NULL
+    cdef object _state_owner
     cdef kernel_t _kernel
     cdef void **_ptrs
     cdef int64_t *_meta
@@ -81,7 +93,8 @@ cdef class Job:
 
     def __cinit__(self, int64_t n, int64_t workers, str schedule="guided",
                   int64_t chunk=1, int64_t max_chunk=1 << 62, int64_t target_ns=0,
-                  int64_t first_chunk=0, int64_t escalate_ns=0):
+                  int64_t first_chunk=0, int64_t escalate_ns=0, intptr_t state=0,
+                  bint init=True, object state_owner=None):
         if n < 0 or workers < 1 or chunk < 1 or max_chunk < 1 or target_ns < 0:
             raise ValueError("invalid Job parameters")
         self.n = n
@@ -91,17 +104,22 @@ cdef class Job:
         self.max_chunk = max_chunk
         self.target_ns = target_ns
         self.escalate_ns = escalate_ns
-        # Until a chunk has been timed the cost is unknown: start small.
-        self._cap = first_chunk if target_ns > 0 and 0 < first_chunk < max_chunk else max_chunk
-        self._ns_per_element = 0.0
-        self._escalate_pending = 0
         self.on_escalate = None
-        self._next = 0
-        self._done = 0
-        self._active = 0
-        self._cancel = 0
-        self._err_lo = -1
-        self._err_hi = -1
+        self.slot = NULL
+        self._state_owner = state_owner  # keeps a shared mapping alive
+        self.st = &self._own if state == 0 else <JobState *>state
+        if init or state == 0:
+            # Until a chunk has been timed the cost is unknown: start small.
+            self.st.cap = (first_chunk if target_ns > 0 and 0 < first_chunk < max_chunk
+                           else max_chunk)
+            self.st.ns_per_element = 0.0
+            self.st.escalate_pending = 0
+            self.st.next = 0
+            self.st.done = 0
+            self.st.active = 0
+            self.st.cancel = 0
+            self.st.err_lo = -1
+            self.st.err_hi = -1
         self._kernel = NULL
         self._ptrs = NULL
         self._meta = NULL
@@ -128,7 +146,7 @@ cdef class Job:
         self._keepalive = keepalive
 
     cdef inline bint _claim(self, int64_t *lo, int64_t *hi) noexcept nogil:
-        cdef int64_t start = cm_load(&self._next)
+        cdef int64_t start = cm_load(&self.st.next)
         cdef int64_t size, rem
         while True:
             rem = self.n - start
@@ -140,11 +158,11 @@ cdef class Job:
                     size = self.chunk
             else:
                 size = self.chunk
-            if size > self._cap:
-                size = self._cap
+            if size > self.st.cap:
+                size = self.st.cap
             if size > rem:
                 size = rem
-            if cm_cas(&self._next, &start, start + size):
+            if cm_cas(&self.st.next, &start, start + size):
                 lo[0] = start
                 hi[0] = start + size
                 return True
@@ -157,96 +175,109 @@ cdef class Job:
         if count <= 0:
             return False
         per = <double>ns / count
-        self._ns_per_element = per
+        self.st.ns_per_element = per
         if self.target_ns > 0:
             cap = self.max_chunk if per <= 0 else <int64_t>(self.target_ns / per)
             if cap < 1:
                 cap = 1
             if cap > self.max_chunk:
                 cap = self.max_chunk
-            cm_store(&self._cap, cap)
-        if cm_load(&self._escalate_pending):
-            if (self.n - cm_load(&self._next)) * per > self.escalate_ns:
-                cm_store(&self._escalate_pending, 0)
+            cm_store(&self.st.cap, cap)
+        if cm_load(&self.st.escalate_pending):
+            if (self.n - cm_load(&self.st.next)) * per > self.escalate_ns:
+                cm_store(&self.st.escalate_pending, 0)
                 return True
         return False
 
     cdef inline void _record_failure(self, int64_t lo, int64_t hi) noexcept nogil:
         cdef int64_t expected = -1
-        if cm_cas(&self._err_lo, &expected, lo):
-            cm_store(&self._err_hi, hi)
-        cm_store(&self._cancel, 1)
+        if cm_cas(&self.st.err_lo, &expected, lo):
+            cm_store(&self.st.err_hi, hi)
+        cm_store(&self.st.cancel, 1)
 
     # -- used by every engine -------------------------------------------------
     def enter(self):
         """Count the calling thread in; returns False if the job is over."""
-        cm_fetch_add(&self._active, 1)
-        if cm_load(&self._cancel) or cm_load(&self._next) >= self.n:
+        cm_fetch_add(&self.st.active, 1)
+        if cm_load(&self.st.cancel) or cm_load(&self.st.next) >= self.n:
             self.leave()
             return False
         return True
 
     def leave(self):
         """Count the calling thread out; wake the waiter if the job is over."""
-        cm_fetch_add(&self._active, -1)
+        cm_fetch_add(&self.st.active, -1)
         if self.finished and self.event is not None:
             self.event.set()
 
     def claim(self):
         """Claim the next chunk: ``(lo, hi)``, or ``None`` when there is none."""
         cdef int64_t lo, hi
-        if cm_load(&self._cancel):
+        if cm_load(&self.st.cancel):
             return None
         if self._claim(&lo, &hi):
+            if self.slot != NULL:
+                cm_store(&self.slot[1], hi)
+                cm_store(&self.slot[0], lo)
             return (lo, hi)
         return None
 
+    def set_slot(self, intptr_t address):
+        """Record each claimed ``[lo, hi)`` at ``address`` (two int64) until completed.
+
+        The process engine points this into shared memory, so the parent can
+        name the chunk a worker was computing when it died.
+        """
+        self.slot = <int64_t *>address
+
     def complete(self, int64_t lo, int64_t hi, int64_t ns=0):
         """Count ``[lo, hi)`` as done; ``ns``, its duration, tunes chunk sizes."""
-        cm_fetch_add(&self._done, hi - lo)
+        cm_fetch_add(&self.st.done, hi - lo)
+        if self.slot != NULL:
+            cm_store(&self.slot[0], -1)
         if ns > 0 and self._observe(hi - lo, ns):
             self.on_escalate()
 
     def arm_escalation(self, callback):
         """Call ``callback`` once, from the caller, when helpers are worth waking."""
         self.on_escalate = callback
-        cm_store(&self._escalate_pending, 1 if callback is not None else 0)
+        cm_store(&self.st.escalate_pending, 1 if callback is not None else 0)
 
     @property
     def ns_per_element(self):
-        return self._ns_per_element
+        return self.st.ns_per_element
 
     def fail(self, int64_t lo, int64_t hi):
         self._record_failure(lo, hi)
 
     def cancel(self):
-        cm_store(&self._cancel, 1)
+        cm_store(&self.st.cancel, 1)
 
     @property
     def done(self):
-        return cm_load(&self._done)
+        return cm_load(&self.st.done)
 
     @property
     def cancelled(self):
-        return cm_load(&self._cancel) != 0
+        return cm_load(&self.st.cancel) != 0
 
     @property
     def active(self):
-        return cm_load(&self._active)
+        return cm_load(&self.st.active)
 
     @property
     def finished(self):
         """All elements computed, or cancelled with nobody left inside."""
-        return (cm_load(&self._done) == self.n
-                or (cm_load(&self._cancel) != 0 and cm_load(&self._active) == 0))
+        return (cm_load(&self.st.done) == self.n
+                or (cm_load(&self.st.cancel) != 0 and cm_load(&self.st.active) == 0))
 
     @property
     def failed_chunk(self):
         """``(lo, hi)`` of the first chunk whose kernel failed, or ``None``."""
-        cdef int64_t lo = cm_load(&self._err_lo)
+        cdef int64_t lo = cm_load(&self.st.err_lo)
         if lo < 0:
             return None
-        return (lo, cm_load(&self._err_hi))
+        return (lo, cm_load(&self.st.err_hi))
 
     def run_native(self, bint check_signals=False):
         """Claim and run chunks with the native kernel, without the GIL.
@@ -264,14 +295,19 @@ cdef class Job:
             return
         try:
             with nogil:
-                while not stop and cm_load(&self._cancel) == 0:
+                while not stop and cm_load(&self.st.cancel) == 0:
                     if not self._claim(&lo, &hi):
                         break
                     t0 = now_ns()
+                    if self.slot != NULL:
+                        cm_store(&self.slot[1], hi)
+                        cm_store(&self.slot[0], lo)
                     if self._kernel(self._ptrs, self._meta, lo, hi) == 0:
                         self._record_failure(lo, hi)
                         break
-                    cm_fetch_add(&self._done, hi - lo)
+                    cm_fetch_add(&self.st.done, hi - lo)
+                    if self.slot != NULL:
+                        cm_store(&self.slot[0], -1)
                     wake = self._observe(hi - lo, now_ns() - t0)
                     if wake:
                         with gil:
@@ -280,7 +316,7 @@ cdef class Job:
                             except BaseException as exc:
                                 pending = exc
                                 stop = True
-                                cm_store(&self._cancel, 1)
+                                cm_store(&self.st.cancel, 1)
                     if check_signals:
                         with gil:
                             try:
@@ -288,7 +324,7 @@ cdef class Job:
                             except BaseException as exc:
                                 pending = exc
                                 stop = True
-                                cm_store(&self._cancel, 1)
+                                cm_store(&self.st.cancel, 1)
         finally:
             self.leave()
         if pending is not None:
