@@ -248,7 +248,7 @@ def test_explain_reports_plan():
     plan = cm.explain(x, lambda c: c, vectorized=True)
     assert plan.kind == "vectorized" and plan.out_dtype is None
     plan = cm.explain(x, lambda v: float(decimal.Decimal(v)))
-    assert plan.kind == "python" and plan.engine == "serial"
+    assert plan.kind == "python" and plan.engine == "processes"
     assert "Numba could not compile" in str(plan)
     assert repr(plan) == str(plan)
 

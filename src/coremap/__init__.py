@@ -8,8 +8,9 @@ See :func:`parallel_map`, :func:`explain` and :func:`config`.
 from coremap import kernels
 from coremap._api import CoremapWarning, explain, parallel_map
 from coremap._config import config
-from coremap._errors import BackendUnavailableError, WorkerCrashedError
+from coremap._errors import BackendUnavailableError, RemoteError, WorkerCrashedError
 from coremap._plan import Plan
+from coremap.shared import SharedArray, SharedLock, cleanup_stale
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,9 @@ __all__ = [
     "CoremapWarning",
     "BackendUnavailableError",
     "WorkerCrashedError",
+    "RemoteError",
+    "SharedArray",
+    "SharedLock",
+    "cleanup_stale",
     "__version__",
 ]

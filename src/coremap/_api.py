@@ -28,6 +28,7 @@ def parallel_map(
     chunk_size: int | None = None,
     schedule: str = "guided",
     progress: bool = False,
+    timeout: float | None = None,
 ) -> np.ndarray:
     """Apply ``func`` to every element of ``arrays`` on every core.
 
@@ -48,10 +49,12 @@ def parallel_map(
         Dtype of the result (``"same_kind"`` cast from what ``func`` returns).
     vectorized : bool
         ``func`` takes and returns whole chunks (1-D arrays; scalars as given).
-    backend : {"auto", "threads", "serial"}, optional
+    backend : {"auto", "threads", "processes", "serial"}, optional
         Where to run. ``"auto"`` (the default, or ``COREMAP_BACKEND``) runs
-        small inputs in the calling thread and the rest on the thread pool;
-        :func:`explain` says what it chose and why.
+        compiled kernels, ufuncs and vectorized functions on the thread pool
+        (small inputs never leave the calling thread), and functions Numba cannot
+        compile on worker processes over shared memory. :func:`explain` says
+        what it chose and why.
     workers : int, optional
         Number of workers (default: the usable cores, or ``COREMAP_WORKERS``).
     chunk_size : int, optional
@@ -63,6 +66,10 @@ def parallel_map(
         ``"static"`` one block per worker.
     progress : bool
         Show a tqdm progress bar.
+    timeout : float, optional
+        Seconds the call may take. On ``"processes"`` the workers still computing
+        are killed (and replaced); on ``"threads"`` the call stops waiting and
+        cancels the remaining chunks. Raises ``TimeoutError`` naming the chunk.
 
     Returns
     -------
@@ -91,7 +98,7 @@ def parallel_map(
     key = items = None
     if (out is None and dtype is None and backend is None and workers is None
             and chunk_size is None and schedule == "guided" and vectorized is False
-            and progress is False):
+            and progress is False and timeout is None):
         entry, items, key = _fastpath.lookup(arrays, func)
         if entry is not None:
             result = _fastpath.run(entry, func, items)
@@ -101,7 +108,7 @@ def parallel_map(
         raise TypeError(f"progress must be True or False, got {progress!r}")
     plan = make_plan(
         arrays, func, out=out, dtype=dtype, vectorized=vectorized, backend=backend,
-        workers=workers, chunk_size=chunk_size, schedule=schedule,
+        workers=workers, chunk_size=chunk_size, schedule=schedule, timeout=timeout,
     )
     if plan.warning:
         warnings.warn(plan.warning, CoremapWarning, stacklevel=2)

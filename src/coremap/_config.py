@@ -101,6 +101,11 @@ def defaults_key() -> tuple:
     return (tuple(tuple(f.items()) for f in stack) if stack else None, *_raw_env_pair())
 
 
+def in_worker() -> bool:
+    """True inside a process-engine worker (set by the worker at start)."""
+    return bool(os.environ.get("COREMAP_IN_WORKER"))
+
+
 def default_workers() -> int:
     value = get("workers")
     return usable_cores() if value is None else int(value)  # type: ignore[arg-type]

@@ -13,15 +13,25 @@ with its own type.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
-import threading
-from time import perf_counter_ns
+import time
 
 import numpy as np
 
 from coremap import _layout
 from coremap._kernels import _runner
-from coremap._kernels._numba import kernel_scope
+from coremap._tasks import (
+    Errors,
+    chunk_function,
+    index,
+    native_kernel,
+    native_task,
+    note,
+    probe_dtype,
+    python_task,
+    raise_native_failure,
+)
 from coremap.engines import get_engine
 
 # Elements run once to learn the result dtype of a function whose dtype can
@@ -37,6 +47,7 @@ ESCALATE_NS = 100_000
 FIRST_CHUNK = 1_024
 
 
+
 def new_job(plan):
     """The runner's job for a plan: timed chunks except for the static schedule."""
     timed = plan.schedule != "static"
@@ -46,39 +57,6 @@ def new_job(plan):
         first_chunk=min(plan.chunk, FIRST_CHUNK) if timed else 0,
         escalate_ns=ESCALATE_NS,
     )
-
-
-def native_task():
-    """The task that runs a native kernel: claim chunks in Cython, no GIL."""
-    main = threading.current_thread() is threading.main_thread()
-
-    def task(job, caller):
-        with kernel_scope():  # only the main thread can take Ctrl-C between chunks
-            job.run_native(check_signals=caller and main)
-
-    return task
-
-
-def _note(exc: BaseException, text: str) -> None:
-    if hasattr(exc, "add_note"):  # Python >= 3.11
-        exc.add_note(text)
-
-
-def _index(plan, i: int) -> tuple[int, ...]:
-    return tuple(int(v) for v in np.unravel_index(i, plan.shape, order=plan.order)) if plan.shape else ()
-
-
-class _Errors:
-    """The first exception of a call, with the chunk it came from."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.first: tuple[BaseException, int, int] | None = None
-
-    def record(self, exc: BaseException, lo: int, hi: int) -> None:
-        with self._lock:
-            if self.first is None:
-                self.first = (exc, lo, hi)
 
 
 def _prepare_views(plan, out: np.ndarray):
@@ -118,125 +96,23 @@ def _output(plan) -> tuple[np.ndarray, np.ndarray]:
     return out, out
 
 
-def _native_kernel(plan, space) -> int:
-    if plan.kind == "builtin":
-        from coremap._kernels import _builtin
-
-        return _builtin.affine_address(plan.out_dtype.char)
-    from coremap._kernels import _numba
-
-    scalars = [i.is_scalar for i in plan.inputs]
-    return _numba.kernel_address(
-        plan.func, plan.in_dtypes, space.views[-1].dtype, space.classes(scalars)
-    )
-
-
-def _raise_native_failure(plan, space, lo: int, hi: int):
-    from coremap._kernels import _numba
-
-    grids = [space.grid(k) for k in range(len(plan.inputs))]
-    getters = [
-        (lambda i, g=g: g[divmod(i, space.cols)]) for g in grids
-    ]
-    found = _numba.first_failure(plan.func, plan.in_dtypes, getters, lo, hi)
-    if found is None:
-        raise RuntimeError(
-            f"{plan.func_name} failed in elements {lo}..{hi - 1} but did not fail again when "
-            "re-run one element at a time (is it non-deterministic?)"
-        )
-    i, exc = found
-    _note(exc, f"raised by {plan.func_name} at element index {_index(plan, i)}")
-    raise exc
-
-
-def _chunk_function(plan, space, errors: _Errors):
-    """The Python-level chunk function for ufunc, vectorized and python kinds."""
-    nin = len(plan.inputs)
-    grids = [None if inp.is_scalar else space.grid(k) for k, inp in enumerate(plan.inputs)]
-    out_grid = space.grid(nin)
-    func = plan.func
-    scalars = [inp.value for inp in plan.inputs]
-
-    if plan.kind == "ufunc":
-
-        def run(lo, hi):
-            for r0, r1, c0, c1 in space.segments(lo, hi):
-                args = [s if g is None else g[r0:r1, c0:c1] for g, s in zip(grids, scalars)]
-                func(*args, out=out_grid[r0:r1, c0:c1], casting="same_kind")
-
-        return run
-
-    def store(res, r0, r1, c0, c1, lo):
-        target = out_grid[r0:r1, c0:c1]
-        res = np.asarray(res)
-        if res.shape != (target.size,):
-            raise ValueError(
-                f"{plan.func_name} returned shape {res.shape} for a chunk of "
-                f"{target.size} elements (from flat index {lo}); a vectorized function must "
-                "return one value per element"
-            )
-        np.copyto(target, res.reshape(target.shape), casting="same_kind")
-
-    if plan.kind == "vectorized":
-
-        def run(lo, hi):
-            for r0, r1, c0, c1 in space.segments(lo, hi):
-                args = [s if g is None else g[r0:r1, c0:c1].reshape(-1) for g, s in zip(grids, scalars)]
-                store(func(*args), r0, r1, c0, c1, lo)
-
-        return run
-
-    def run(lo, hi):  # plain Python scalar function, element by element
-        for r0, r1, c0, c1 in space.segments(lo, hi):
-            count = (r1 - r0) * (c1 - c0)
-            cols = [
-                [s] * count if g is None else g[r0:r1, c0:c1].reshape(-1).tolist()
-                for g, s in zip(grids, scalars)
-            ]
-            res = []
-            for j, args in enumerate(zip(*cols)):
-                try:
-                    res.append(func(*args))
-                except Exception as exc:
-                    _note(exc, f"raised by {plan.func_name} at element index "
-                               f"{_index(plan, lo + j)}")
-                    raise
-            store(res, r0, r1, c0, c1, lo)
-            lo += count
-
-    return run
-
-
-def _probe_dtype(plan) -> np.dtype:
-    """Run the function on the first few elements to learn its result dtype."""
+def _probe_args(plan) -> list:
+    """The first ``PROBE`` elements of each input in iteration order (scalars as given)."""
     k = min(plan.size, PROBE)
-    args = []
-    for inp in plan.inputs:
-        if inp.is_scalar:
-            args.append(inp.value)
-        else:
-            flat = np.broadcast_to(inp.array, plan.shape).reshape(-1, order=plan.order)
-            args.append(flat[:k])
-    if plan.kind == "vectorized":
-        res = np.asarray(plan.func(*args))
-    elif k == 0:
-        return np.dtype(np.float64)  # nothing to call the function on
-    else:
-        cols = [[a] * k if inp.is_scalar else a.tolist() for inp, a in zip(plan.inputs, args)]
-        res = np.asarray([plan.func(*row) for row in zip(*cols)])
-    if res.dtype.kind not in "biufc":
-        raise TypeError(
-            f"{plan.func_name} returned {res.dtype} values; parallel_map needs numbers"
-        )
-    return res.dtype
+    idx = np.unravel_index(np.arange(k), plan.shape, order=plan.order) if plan.shape else ()
+    return [inp.value if inp.is_scalar else np.broadcast_to(inp.array, plan.shape)[idx]
+            for inp in plan.inputs]
 
 
 def execute(plan, progress: bool = False) -> np.ndarray:
     """Run ``plan`` (from ``make_plan``) and return the output array."""
+    if plan.engine == "processes" and plan.size:
+        return _execute_processes(plan, progress)
     if plan.out_dtype is None:
         # vectorized and python kinds: the result dtype is what the function returns.
         # The probe runs the function once on a few elements before any allocation.
-        plan.out_dtype = _probe_dtype(plan)
+        plan.out_dtype = probe_dtype(plan.func, plan.kind, plan.func_name,
+                                     [i.is_scalar for i in plan.inputs], _probe_args(plan))
     target, out = _output(plan)
     if plan.size == 0:
         return out
@@ -245,34 +121,30 @@ def execute(plan, progress: bool = False) -> np.ndarray:
         target = np.empty(plan.shape, out.dtype.newbyteorder("="), order=plan.order)
         space = _prepare_views(plan, target)
     native = plan.kind in ("builtin", "numba")
-    errors = _Errors()
+    errors = Errors()
     job = new_job(plan)
     if native:
-        address = _native_kernel(plan, space)
+        address = native_kernel(plan, space)
         job.set_kernel(address, space.base_ptrs, space.meta(), space.views)
         task = native_task()
     else:
-        chunk = _chunk_function(plan, space, errors)
+        task = python_task(chunk_function(plan, space, errors), errors)
 
-        def task(job, caller):
-            if not job.enter():
-                return
-            try:
-                while (claim := job.claim()) is not None:
-                    lo, hi = claim
-                    t0 = perf_counter_ns()
-                    try:
-                        chunk(lo, hi)
-                    except BaseException as exc:
-                        errors.record(exc, lo, hi)
-                        job.fail(lo, hi)
-                        if caller and isinstance(exc, KeyboardInterrupt):
-                            raise
-                        return
-                    job.complete(lo, hi, perf_counter_ns() - t0)
-            finally:
-                job.leave()
+    on_progress, bar = _progress_bar(plan, progress)
+    engine = get_engine(plan.engine)
+    try:
+        engine.run(job, task, plan.workers, on_progress=on_progress, timeout=plan.timeout)
+    finally:
+        if bar is not None:
+            bar.close()
+    _raise_errors(plan, errors, job, space, native)
+    if target is not out:
+        np.copyto(out, target, casting="same_kind")
+    return out
 
+
+def _progress_bar(plan, progress: bool):
+    """``(on_progress, bar)``: a tqdm bar fed with ``job.done``, or ``(None, None)``."""
     bar = None
     on_progress = None
     if progress:
@@ -287,26 +159,136 @@ def execute(plan, progress: bool = False) -> np.ndarray:
         def on_progress(done):
             bar.update(done - bar.n)
 
-    engine = get_engine(plan.engine)
-    try:
-        engine.run(job, task, plan.workers, on_progress=on_progress)
-    finally:
-        if bar is not None:
-            bar.close()
+    return on_progress, bar
 
+
+def _raise_errors(plan, errors, job, space, native) -> None:
     if errors.first is not None:
         exc, lo, hi = errors.first
         if plan.kind != "python":
-            _note(exc, f"raised by {plan.func_name} on the chunk of elements "
-                       f"{_index(plan, lo)} to {_index(plan, hi - 1)}")
+            note(exc, f"raised by {plan.func_name} on the chunk of elements "
+                       f"{index(plan, lo)} to {index(plan, hi - 1)}")
         raise exc
     failed = job.failed_chunk
     if failed is not None:
         if native:
-            _raise_native_failure(plan, space, *failed)
+            raise_native_failure(plan, space, *failed)
         raise RuntimeError("a chunk failed without an error being recorded (internal error)")
     if job.done != plan.size:
         raise RuntimeError(f"only {job.done} of {plan.size} elements were computed (internal error)")
-    if target is not out:
-        np.copyto(out, target, casting="same_kind")
-    return out
+
+
+# -- the process engine ---------------------------------------------------------------
+
+def _segment_of(view: np.ndarray, origin: np.ndarray | None = None):
+    """The shared-memory segment holding ``view``'s elements, or None.
+
+    ``origin`` is the array ``view`` was derived from, for views (like
+    ``np.broadcast_to``'s) whose ``.base`` chain no longer leads to a SharedArray.
+    """
+    from coremap.shared import SharedArray, _inside
+
+    for start in (view, origin):
+        base = start
+        while isinstance(base, np.ndarray):
+            if isinstance(base, SharedArray) and base._segment is not None:
+                return base._segment if _inside(view, base._segment) else None
+            base = base.base
+    return None
+
+
+def _describe(view: np.ndarray, seg) -> tuple:
+    offset = view.__array_interface__["data"][0] - seg.address
+    return (seg.name, offset, view.shape, view.strides, view.dtype)
+
+
+def _execute_processes(plan, progress: bool) -> np.ndarray:
+    """Run ``plan`` on the process engine: operands in shared memory, nothing pickled
+    but names, offsets, shapes and strides (and the function, once per worker)."""
+    import cloudpickle
+
+    from coremap.engines._processes import process_engine
+
+    if plan.kind == "builtin":  # workers compile the same map with Numba
+        plan = dataclasses.replace(plan, kind="numba",
+                                   func=_affine_scalar(plan.func, plan.out_dtype))
+    kind, func = plan.kind, plan.func
+    try:
+        func_bytes = cloudpickle.dumps(func)
+    except Exception as exc:
+        raise TypeError(
+            f"cannot send {plan.func_name} to worker processes: {type(exc).__name__}: {exc}"
+        ) from exc
+    engine = process_engine()
+    with engine._lock:
+        if plan.out_dtype is None:  # probed in a worker: the parent never runs user code
+            t0 = time.monotonic()
+            plan.out_dtype = engine.probe({
+                "func": func_bytes, "kind": kind, "func_name": plan.func_name,
+                "scalars": [i.is_scalar for i in plan.inputs], "args": _probe_args(plan),
+            }, plan.shape, plan.order, plan.timeout)
+            if plan.timeout is not None:
+                plan = dataclasses.replace(
+                    plan, timeout=max(1e-3, plan.timeout - (time.monotonic() - t0)))
+        procs = engine.prepare(plan.workers)
+        _, out = _output(plan)
+        direct = plan.out is not None and _segment_of(plan.out) is not None \
+            and not _layout.needs_native_copy(plan.out)
+        if direct:
+            target = plan.out
+        else:
+            target, _ = engine.segment_array(plan.shape, plan.out_dtype, order=plan.order)
+        space = _prepare_views(plan, target)
+        if space is None:
+            target, _ = engine.segment_array(plan.shape, plan.out_dtype, order=plan.order)
+            space = _prepare_views(plan, target)
+        views = list(space.views)
+        segs = []
+        for k, v in enumerate(views):
+            origin = plan.inputs[k].array if k < len(plan.inputs) else None
+            seg = _segment_of(v, origin)
+            if seg is None and k < len(plan.inputs) and plan.inputs[k].is_scalar:
+                segs.append(None)
+                continue
+            if seg is None:  # copied once into a pooled segment, in iteration order
+                arr, seg = engine.segment_array(v.shape, v.dtype)
+                np.copyto(arr, v)
+                views[k] = arr
+            segs.append(seg)
+        if _layout.build_space(views) is None:
+            for k in _layout.bad_operands(views):
+                if segs[k] is not None:
+                    arr, segs[k] = engine.segment_array(views[k].shape, views[k].dtype)
+                    np.copyto(arr, views[k])
+                    views[k] = arr
+        light = [inp if inp.is_scalar else _layout.Input(None, np.empty((), inp.dtype), False)
+                 for inp in plan.inputs]
+        spec = {
+            "kind": kind, "func_bytes": func_bytes, "func_name": plan.func_name,
+            "shape": plan.shape, "order": plan.order, "inputs": light,
+            "in_dtypes": plan.in_dtypes, "out_dtype": plan.out_dtype,
+            "views": [None if s is None else _describe(v, s) for v, s in zip(views, segs)],
+        }
+        timed = plan.schedule != "static"
+        job_params = (plan.size, plan.workers, plan.schedule, plan.chunk, plan.max_chunk,
+                      TARGET_CHUNK_NS if timed else 0,
+                      min(plan.chunk, FIRST_CHUNK) if timed else 0)
+        on_progress, bar = _progress_bar(plan, progress)
+        try:
+            engine.run(spec, procs, job_params, timeout=plan.timeout,
+                       on_progress=on_progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        if target is not out:
+            np.copyto(out, target, casting="same_kind")
+        return out
+
+
+def _affine_scalar(aff, dtype):
+    a, b = dtype.type(aff.a), dtype.type(aff.b)
+
+    def affine(v):
+        return a * v + b
+
+    return affine

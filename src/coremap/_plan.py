@@ -13,8 +13,10 @@ How ``backend="auto"`` chooses:
    timed chunks show more than ``ESCALATE_NS`` of work left (``_execute.py``),
    so small inputs never leave the calling thread: the crossover is measured
    per call, in time, rather than guessed as an element count;
-3. a scalar function Numba cannot compile -> serial Python loop, with one
-   warning naming Numba's error (the process engine takes these over when it lands).
+3. a scalar function Numba cannot compile -> the process engine, with one warning
+   naming Numba's error; below ``PROCESS_MIN_SIZE`` elements it runs serially,
+   since a process round trip costs more than such a call.
+Inside a process-engine worker every call runs serially (no nested pools).
 """
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ MAX_CHUNK_NATIVE = 1 << 16
 MIN_CHUNK_NUMPY = 8_192
 MAX_CHUNK_NUMPY = 1 << 18
 DYNAMIC_CHUNKS_PER_WORKER = 16
+
+# Below this many elements, auto runs a plain Python function serially rather
+# than on worker processes (a warm round trip costs ~1 ms: benchmarks/bench_w4.py).
+PROCESS_MIN_SIZE = 1_000
 
 KINDS = {
     "builtin": "built-in Cython kernel (no GIL, no compile)",
@@ -69,6 +75,8 @@ class Plan:
     inputs: list[Input] = field(default_factory=list)
     out: np.ndarray | None = None
     requested_dtype: np.dtype | None = None
+    timeout: float | None = None
+    auto: bool = False  # chosen by backend="auto" (may still fall back to serial)
 
     def __str__(self) -> str:
         dtypes = ", ".join(str(d) for d in self.in_dtypes)
@@ -168,6 +176,7 @@ def make_plan(
     workers=None,
     chunk_size=None,
     schedule="guided",
+    timeout=None,
 ) -> Plan:
     """Validate a call and decide how it runs. Raises before any work on bad input."""
     if not callable(func):
@@ -184,6 +193,11 @@ def make_plan(
     workers = _check_positive_int(workers, "workers")
     if chunk_size is not None:
         chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     requested = None
     if dtype is not None:
         requested = np.dtype(dtype)
@@ -202,11 +216,8 @@ def make_plan(
             "(ipyparallel, dask.distributed) arrive in a later version of coremap. "
             "Use backend='auto', 'threads' or 'serial'."
         )
-    if backend == "processes":
-        raise BackendUnavailableError(
-            "backend='processes' is not available in this version of coremap yet; "
-            "use backend='auto', 'threads' or 'serial'"
-        )
+    if _config.in_worker() and backend in ("processes", "threads"):
+        backend = "serial"  # nested inside a worker: bounded, never a pool of pools
 
     kind, result, why_kind, numba_error = _resolve_kind(func, inputs, vectorized)
     if result is not None and requested is not None and not np.can_cast(result, requested, "same_kind"):
@@ -223,11 +234,16 @@ def make_plan(
     native = kind in ("builtin", "numba")
     if backend == "auto":
         if kind == "python":
-            engine = "serial"
-            reasons.append("a function that holds the GIL gains nothing from threads")
+            engine = "processes" if workers > 1 and size >= PROCESS_MIN_SIZE else "serial"
+            reasons.append(
+                "a function that holds the GIL gains nothing from threads: worker processes "
+                "over shared memory" if engine == "processes" else
+                f"{size} elements of a GIL-holding function: too few for worker processes"
+            )
             warning = (
-                f"Numba could not compile {_func_name(func)} ({numba_error}); it runs as a "
-                "serial Python loop. Pass backend='serial' to silence this warning."
+                f"Numba could not compile {_func_name(func)} ({numba_error}); it runs as "
+                "plain Python in worker processes. Pass backend='processes' to silence "
+                "this warning."
             )
         elif workers == 1:
             engine = "serial"
@@ -248,8 +264,16 @@ def make_plan(
         reasons.append(f"backend={backend!r} was asked for")
         if engine == "threads" and kind == "python":
             reasons.append("note: a function that holds the GIL does not speed up on threads")
+        if engine == "processes" and kind == "python":
+            reasons.append(f"Numba could not compile it ({numba_error}): plain Python in "
+                           "each worker")
     if engine == "serial":
         workers = 1
+        if timeout is not None:
+            raise ValueError(
+                "timeout= needs an engine that can stop a stuck chunk: use "
+                "backend='processes' (or 'threads', which stops waiting)"
+            )
 
     if native:
         min_chunk, max_chunk = MIN_CHUNK_NATIVE, MAX_CHUNK_NATIVE
@@ -284,4 +308,6 @@ def make_plan(
         inputs=inputs,
         out=out,
         requested_dtype=requested,
+        timeout=timeout,
+        auto=backend == "auto",
     )

@@ -363,3 +363,64 @@ def data_pointers(tuple arrays):
             return None
         ptrs.append(p)
     return ptrs
+
+
+# -- a process-shared lock on one int64 word (SharedArray.lock) ---------------------------
+#
+# Written by hand: multiprocessing.Lock pickles only while a process is being
+# spawned, so it cannot travel inside a pickled array through a queue or a pool.
+# This lock is a word in the segment's header: any process that maps the
+# segment can take it. Waiters spin briefly, then sleep with backoff.
+
+cdef extern from "<time.h>" nogil:
+    int nanosleep(const timespec *req, timespec *rem)
+
+
+def lock_acquire(intptr_t address, int64_t token, double timeout=-1.0, bint check_signals=False):
+    """Take the lock word at ``address`` for ``token``; False on timeout."""
+    cdef int64_t *word = <int64_t *>address
+    cdef int64_t expected
+    cdef int64_t deadline = -1
+    cdef int64_t sleep_ns = 10_000
+    cdef int spins = 0
+    cdef timespec ts
+    cdef bint got = False
+    if timeout >= 0:
+        deadline = now_ns() + <int64_t>(timeout * 1e9)
+    while True:
+        with nogil:
+            while True:
+                expected = 0
+                if cm_cas(word, &expected, token):
+                    got = True
+                    break
+                if deadline >= 0 and now_ns() >= deadline:
+                    break
+                spins += 1
+                if spins < 200:
+                    continue
+                ts.tv_sec = 0
+                ts.tv_nsec = sleep_ns
+                nanosleep(&ts, NULL)
+                if sleep_ns < 1_000_000:
+                    sleep_ns *= 2
+                if check_signals and spins % 16 == 0:
+                    break  # back to Python to let a pending Ctrl-C through
+        if got:
+            return True
+        if deadline >= 0 and now_ns() >= deadline:
+            return False
+        PyErr_CheckSignals()
+
+
+def lock_release(intptr_t address, int64_t token):
+    """Release the lock word at ``address``; ValueError if it is not held."""
+    cdef int64_t *word = <int64_t *>address
+    if cm_load(word) == 0:
+        raise ValueError("release of an unlocked SharedArray lock")
+    cm_store(word, 0)
+
+
+def lock_holder(intptr_t address):
+    """The token holding the lock word, or 0."""
+    return cm_load(<int64_t *>address)

@@ -7,7 +7,9 @@ so every engine shares the same scheduling.
 
 * ``serial``: the calling thread alone;
 * ``threads``: a persistent pool of threads, joined by the calling thread;
-* ``processes`` and cluster clients: later engines register here, loaded lazily.
+* ``processes``: a persistent pool of worker processes over shared memory
+  (``_processes.py``; imported on first use);
+* cluster clients: later engines register here, loaded lazily.
 """
 from __future__ import annotations
 
@@ -25,4 +27,8 @@ def get_engine(name: str):
         return _serial
     if name == "threads":
         return thread_engine()
+    if name == "processes":
+        from coremap.engines._processes import process_engine
+
+        return process_engine()
     raise KeyError(name)

@@ -7,7 +7,7 @@ import threading
 class SerialEngine:
     name = "serial"
 
-    def run(self, job, task, workers: int = 1, on_progress=None) -> None:
+    def run(self, job, task, workers: int = 1, on_progress=None, timeout=None) -> None:
         """Run ``task`` in the calling thread until the job is finished."""
         job.event = threading.Event()
         task(job, True)

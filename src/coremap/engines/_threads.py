@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 _engine = None
 _engine_lock = threading.Lock()
@@ -34,6 +35,10 @@ def thread_engine() -> ThreadEngine:
             if _engine is None:
                 _engine = ThreadEngine()
     return _engine
+
+
+def _ignore(done: int) -> None:
+    pass
 
 
 def _worker_loop(q: queue.SimpleQueue) -> None:
@@ -81,12 +86,19 @@ class ThreadEngine:
                 self._threads.append(t)
             return self._queues[:n]
 
-    def run(self, job, task, workers: int, on_progress=None, poll: float = 0.1) -> None:
+    def run(self, job, task, workers: int, on_progress=None, poll: float = 0.1,
+            timeout: float | None = None) -> None:
         """Run ``task`` on ``workers`` threads (the caller is one of them).
 
         With ``on_progress``, the caller does not compute: it reports
-        ``job.done`` every ``poll`` seconds until the job is finished.
+        ``job.done`` every ``poll`` seconds until the job is finished. With
+        ``timeout``, the caller does not compute either, and raises
+        ``TimeoutError`` at the deadline after cancelling the job (threads cannot
+        be killed: a chunk in flight finishes in the background).
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is not None and on_progress is None:
+            on_progress = _ignore
         job.event = threading.Event()
 
         def post(count):
@@ -103,9 +115,15 @@ class ThreadEngine:
             if on_progress is None:
                 task(job, True)
             while not job.finished:
-                job.event.wait(poll)
+                wait = poll if deadline is None else min(poll, deadline - time.monotonic())
+                job.event.wait(max(wait, 0.0))
                 if on_progress is not None:
                     on_progress(job.done)
+                if deadline is not None and time.monotonic() >= deadline and not job.finished:
+                    raise TimeoutError(
+                        f"the call did not finish within {timeout} s "
+                        f"({job.done:,} of {job.n:,} elements done)"
+                    )
         except BaseException:
             # Ctrl-C or an error in the caller's own chunk: stop the others.
             # Workers finish at most the chunk they hold; the job keeps every

@@ -1,0 +1,179 @@
+"""What runs on a chunk: the tasks that engines execute, in threads or in worker processes.
+
+A *task* is ``task(job, caller)``: it claims chunks from the job until none are
+left. ``native_task`` runs a compiled kernel inside the Cython runner (no GIL);
+``python_task`` runs a Python chunk function (ufunc, vectorized, plain Python)
+and times each chunk, which sizes the next ones. Both are used by the thread
+engine in this process and by the process engine's workers, so every engine
+schedules, times and reports failures the same way.
+"""
+from __future__ import annotations
+
+import threading
+from time import perf_counter_ns
+
+import numpy as np
+
+from coremap._kernels._numba import kernel_scope
+
+
+def native_task():
+    """The task that runs a native kernel: claim chunks in Cython, no GIL."""
+    main = threading.current_thread() is threading.main_thread()
+
+    def task(job, caller):
+        with kernel_scope():  # only the main thread can take Ctrl-C between chunks
+            job.run_native(check_signals=caller and main)
+
+    return task
+
+
+def python_task(chunk, errors):
+    """The task that runs a Python chunk function ``chunk(lo, hi)``, timing each chunk."""
+
+    def task(job, caller):
+        if not job.enter():
+            return
+        try:
+            while (claim := job.claim()) is not None:
+                lo, hi = claim
+                t0 = perf_counter_ns()
+                try:
+                    chunk(lo, hi)
+                except BaseException as exc:
+                    errors.record(exc, lo, hi)
+                    job.fail(lo, hi)
+                    if caller and isinstance(exc, KeyboardInterrupt):
+                        raise
+                    return
+                job.complete(lo, hi, perf_counter_ns() - t0)
+        finally:
+            job.leave()
+
+    return task
+
+
+def note(exc: BaseException, text: str) -> None:
+    if hasattr(exc, "add_note"):  # Python >= 3.11
+        exc.add_note(text)
+
+
+def index(plan, i: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in np.unravel_index(i, plan.shape, order=plan.order)) if plan.shape else ()
+
+
+class Errors:
+    """The first exception of a call, with the chunk it came from."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.first: tuple[BaseException, int, int] | None = None
+
+    def record(self, exc: BaseException, lo: int, hi: int) -> None:
+        with self._lock:
+            if self.first is None:
+                self.first = (exc, lo, hi)
+
+
+def native_kernel(plan, space) -> int:
+    if plan.kind == "builtin":
+        from coremap._kernels import _builtin
+
+        return _builtin.affine_address(plan.out_dtype.char)
+    from coremap._kernels import _numba
+
+    scalars = [i.is_scalar for i in plan.inputs]
+    return _numba.kernel_address(
+        plan.func, plan.in_dtypes, space.views[-1].dtype, space.classes(scalars)
+    )
+
+
+def raise_native_failure(plan, space, lo: int, hi: int):
+    from coremap._kernels import _numba
+
+    grids = [space.grid(k) for k in range(len(plan.inputs))]
+    getters = [
+        (lambda i, g=g: g[divmod(i, space.cols)]) for g in grids
+    ]
+    found = _numba.first_failure(plan.func, plan.in_dtypes, getters, lo, hi)
+    if found is None:
+        raise RuntimeError(
+            f"{plan.func_name} failed in elements {lo}..{hi - 1} but did not fail again when "
+            "re-run one element at a time (is it non-deterministic?)"
+        )
+    i, exc = found
+    note(exc, f"raised by {plan.func_name} at element index {index(plan, i)}")
+    raise exc
+
+
+def chunk_function(plan, space, errors: Errors):
+    """The Python-level chunk function for ufunc, vectorized and python kinds."""
+    nin = len(plan.inputs)
+    grids = [None if inp.is_scalar else space.grid(k) for k, inp in enumerate(plan.inputs)]
+    out_grid = space.grid(nin)
+    func = plan.func
+    scalars = [inp.value for inp in plan.inputs]
+
+    if plan.kind == "ufunc":
+
+        def run(lo, hi):
+            for r0, r1, c0, c1 in space.segments(lo, hi):
+                args = [s if g is None else g[r0:r1, c0:c1] for g, s in zip(grids, scalars)]
+                func(*args, out=out_grid[r0:r1, c0:c1], casting="same_kind")
+
+        return run
+
+    def store(res, r0, r1, c0, c1, lo):
+        target = out_grid[r0:r1, c0:c1]
+        res = np.asarray(res)
+        if res.shape != (target.size,):
+            raise ValueError(
+                f"{plan.func_name} returned shape {res.shape} for a chunk of "
+                f"{target.size} elements (from flat index {lo}); a vectorized function must "
+                "return one value per element"
+            )
+        np.copyto(target, res.reshape(target.shape), casting="same_kind")
+
+    if plan.kind == "vectorized":
+
+        def run(lo, hi):
+            for r0, r1, c0, c1 in space.segments(lo, hi):
+                args = [s if g is None else g[r0:r1, c0:c1].reshape(-1) for g, s in zip(grids, scalars)]
+                store(func(*args), r0, r1, c0, c1, lo)
+
+        return run
+
+    def run(lo, hi):  # plain Python scalar function, element by element
+        for r0, r1, c0, c1 in space.segments(lo, hi):
+            count = (r1 - r0) * (c1 - c0)
+            cols = [
+                [s] * count if g is None else g[r0:r1, c0:c1].reshape(-1).tolist()
+                for g, s in zip(grids, scalars)
+            ]
+            res = []
+            for j, args in enumerate(zip(*cols)):
+                try:
+                    res.append(func(*args))
+                except Exception as exc:
+                    note(exc, f"raised by {plan.func_name} at element index "
+                               f"{index(plan, lo + j)}")
+                    raise
+            store(res, r0, r1, c0, c1, lo)
+            lo += count
+
+    return run
+
+
+def probe_dtype(func, kind: str, func_name: str, scalars: list[bool], args: list) -> np.dtype:
+    """Run ``func`` on the first few elements (``args``) to learn its result dtype."""
+    k = max((len(a) for a, s in zip(args, scalars) if not s), default=1)
+    if kind == "vectorized":
+        res = np.asarray(func(*args))
+    elif k == 0:
+        return np.dtype(np.float64)  # nothing to call the function on
+    else:
+        cols = [[a] * k if s else a.tolist() for s, a in zip(scalars, args)]
+        res = np.asarray([func(*row) for row in zip(*cols)])
+    if res.dtype.kind not in "biufc":
+        raise TypeError(f"{func_name} returned {res.dtype} values; parallel_map needs numbers")
+    return res.dtype

@@ -1,0 +1,496 @@
+"""The process engine: a persistent pool of worker processes over shared memory.
+
+    parallel_map(backend="processes")
+      │ inputs: SharedArray views are used in place; others are copied once into
+      │         pooled segments; the output is a pooled segment (or a SharedArray out)
+      │ control block (a segment): the job state (atomic chunk counter, cancel,
+      │         progress) and one [lo, hi) slot per worker
+      │ send each worker one small message: the function (cloudpickle, once per call),
+      │         segment names, offsets, shapes, strides -- never array bytes
+      ├──> worker k: attach (cached), claim chunks from the shared counter, compute in place
+      │ wait on replies and on the workers' sentinels (a dead worker is seen at once)
+      └── unlink the call's segment names; copy the output to the caller's array
+
+Workers are fresh interpreters (``subprocess``, see ``_Process``), never
+forked: the parent may already run threads, Numba or OpenMP. They live
+across calls, keep the pooled segments mapped (BENCHMARKS.md: W1 10^8 took
+1.35 s with fresh segments, 0.10 s with workers kept attached), and are
+replaced when they die. Segment *names* are unlinked when the call ends, so
+nothing lingers in /dev/shm even if the parent is later killed; the memory is
+reused through the mappings, by calls whose workers all mapped the segment
+while its name existed (a new worker cannot attach an unlinked name).
+
+Failures: an exception in the function comes back with its type and the
+worker's traceback as ``__cause__``; a worker that dies gives
+``WorkerCrashedError`` naming the chunk, pid and signal; ``timeout`` kills the
+workers still computing and raises ``TimeoutError``. Ctrl-C cancels through the
+shared state; workers that do not stop within a second are killed.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import itertools
+import os
+import pickle
+import signal
+import threading
+import time
+from multiprocessing.connection import wait
+
+from coremap import _shm
+from coremap._errors import RemoteError, WorkerCrashedError
+from coremap._kernels import _runner
+
+CTRL_STATE = 0
+CTRL_SLOTS = 128  # slots start here: 16 bytes (lo, hi) per worker
+STOP_GRACE = 1.0  # seconds a cancelled worker gets to finish its chunk
+POOL_BYTES = 1 << 30  # pooled segment bytes kept mapped between calls
+
+_engine = None
+_engine_lock = threading.Lock()
+
+
+def process_engine() -> ProcessEngine:
+    global _engine
+    if _engine is None:
+        with _engine_lock:
+            if _engine is None:
+                _engine = ProcessEngine()
+                atexit.register(_engine.shutdown)
+    return _engine
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback, chained as ``__cause__`` (as concurrent.futures does)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class _Process:
+    """A worker process started with ``subprocess`` (the parts of ``Process`` used here).
+
+    Not ``multiprocessing.Process``: its spawn and forkserver methods re-import
+    the user's ``__main__`` script in every worker, which runs the script's
+    top-level code again (and fails in any script without an
+    ``if __name__ == "__main__":`` guard). Functions reach workers by
+    cloudpickle, so workers never need ``__main__``; this starts a fresh
+    interpreter instead (never fork: the parent may run threads), hands it the
+    parent's ``sys.path``, and talks to it over a socket pair.
+    """
+
+    def __init__(self, index: int) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        ours, theirs = socket.socketpair()
+        code = ("import sys; from coremap.engines._worker import bootstrap; "
+                f"bootstrap({theirs.fileno()}, {os.getpid()})")
+        try:
+            self._popen = subprocess.Popen(
+                [sys.executable, "-c", code], pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL, close_fds=True,
+                # its own session: a terminal's Ctrl-C reaches only the parent, which
+                # cancels the call through the shared job state
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self.pid = self._popen.pid
+        self.name = f"coremap-worker-{index}"
+        from multiprocessing.connection import Connection
+
+        self.conn = Connection(ours.detach())
+        self.conn.send_bytes(pickle.dumps({"sys_path": list(sys.path)}))
+        try:
+            self.sentinel = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # pragma: no cover - no pidfd: the socket's EOF
+            self.sentinel = self.conn.fileno()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def join(self, timeout: float | None = None) -> None:
+        import subprocess
+
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self._popen.kill()
+
+    def close(self) -> None:
+        if self.conn.closed:
+            return
+        if self.sentinel != self.conn.fileno():
+            os.close(self.sentinel)
+        self.conn.close()
+
+
+class _Worker:
+    __slots__ = ("process", "conn", "index")
+
+    def __init__(self, index: int) -> None:
+        self.process = _Process(index)
+        self.conn = self.process.conn
+        self.index = index
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(5)
+        self.process.close()
+
+
+class _Slots:
+    """A stand-in for the slot table when no job runs (the probe)."""
+
+    def __init__(self, rows) -> None:
+        self.rows = rows
+
+    def __getitem__(self, key):
+        return self.rows[key] if isinstance(key, int) else self.rows[key[0]][key[1]]
+
+
+class _SegmentPool:
+    """Segments kept mapped between calls (names unlinked): best fit, bounded bytes.
+
+    A pooled segment's name is gone, so only workers that mapped it while the
+    name existed can use it again: each segment remembers those worker pids,
+    and is reused only by a call whose workers all have it.
+    """
+
+    def __init__(self, limit: int = POOL_BYTES) -> None:
+        self.limit = limit
+        self.free: list[_shm.Segment] = []
+        self.busy: list[_shm.Segment] = []
+        self.mapped: dict[str, set[int]] = {}
+        self.pids: set[int] = set()  # the workers of the call being prepared
+
+    def take(self, nbytes: int) -> _shm.Segment:
+        fits = [s for s in self.free if nbytes <= s.data_bytes <= 4 * nbytes + (1 << 20)
+                and self.mapped.get(s.name, set()) >= self.pids]
+        if fits:
+            seg = min(fits, key=lambda s: s.data_bytes)
+            self.free.remove(seg)
+        else:
+            seg = _shm.Segment.create(nbytes)
+        self.busy.append(seg)
+        return seg
+
+    def release_all(self, attached: set[int]) -> None:
+        """End of a call: unlink the names, keep the mappings for the next call."""
+        for seg in self.busy:
+            seg.unlink()
+            self.mapped.setdefault(seg.name, set()).update(attached)
+        self.free = self.busy + self.free
+        self.busy = []
+        total = 0
+        keep = []
+        for seg in self.free:
+            total += seg.size
+            if total > self.limit:
+                self._drop(seg)
+            else:
+                keep.append(seg)
+        self.free = keep
+
+    def _drop(self, seg) -> None:
+        self.mapped.pop(seg.name, None)
+        seg.unlink()
+        seg.close()
+
+    def flush(self) -> None:
+        for seg in self.free:
+            self._drop(seg)
+        self.free = []
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.free + self.busy]
+
+
+class ProcessEngine:
+    """The pool of worker processes (see the module docstring)."""
+
+    name = "processes"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._workers: list[_Worker] = []
+        self._ids = itertools.count()
+        self.pool = _SegmentPool()
+        self.last_bytes_sent = 0
+        self._cleaned = False
+
+    @property
+    def size(self) -> int:
+        return len(self._workers)
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    def _ensure(self, n: int) -> list[_Worker]:
+        if not self._cleaned:
+            _shm.cleanup_stale()  # segments that killed coremap processes left behind
+            self._cleaned = True
+        for i, w in enumerate(self._workers):
+            if not w.process.is_alive():
+                w.kill()
+                self._workers[i] = _Worker(i)
+        while len(self._workers) < n:
+            self._workers.append(_Worker(len(self._workers)))
+        procs = self._workers[:n]
+        self.pool.pids = {w.process.pid for w in procs}
+        return procs
+
+    def segment_array(self, shape, dtype, order="C"):
+        """A SharedArray in a pooled segment, for one call's operand."""
+        import math
+
+        import numpy as np
+
+        from coremap.shared import SharedArray
+
+        dtype = np.dtype(dtype)
+        seg = self.pool.take(math.prod(shape) * dtype.itemsize)
+        arr = np.ndarray(shape, dtype, buffer=seg.mmap, offset=_shm.HEADER, order=order)
+        arr = arr.view(SharedArray)
+        arr._segment = seg
+        return arr, seg
+
+    def prepare(self, workers: int) -> list[_Worker]:
+        """Start (or replace) the workers of the next call; call before ``segment_array``."""
+        with self._lock:
+            return self._ensure(workers)
+
+    def run(self, spec: dict, procs, job_params, timeout=None, on_progress=None):
+        """Run one call on the workers from ``prepare``; raise the first failure."""
+        import cloudpickle
+
+        with self._lock:
+            ctrl = self.pool.take(CTRL_SLOTS + 16 * len(procs))
+            job = _runner.Job(*job_params[:5], target_ns=job_params[5],
+                              first_chunk=job_params[6],
+                              state=ctrl.address + CTRL_STATE, init=True, state_owner=ctrl)
+            slots = [ctrl.address + CTRL_SLOTS + 16 * w.index for w in procs]
+            import numpy as np
+
+            slot_view = np.ndarray((len(procs), 2), np.int64, buffer=ctrl.mmap,
+                                   offset=CTRL_SLOTS)
+            slot_view[:] = -1
+            func_bytes = spec.pop("func_bytes")
+            spec["func"] = func_bytes
+            spec["func_key"] = hashlib.blake2b(func_bytes, digest_size=16).hexdigest()
+            spec["call_id"] = next(self._ids)
+            spec["job"] = tuple(job_params)
+            spec["keep"] = set(self.pool.names())
+            sent = 0
+            try:
+                for w, slot in zip(procs, slots):
+                    spec["ctrl"] = (ctrl.name, CTRL_STATE, slot - ctrl.address)
+                    data = pickle.dumps(("call", spec), protocol=pickle.HIGHEST_PROTOCOL)
+                    sent += len(data)
+                    w.conn.send_bytes(data)
+                self.last_bytes_sent = sent
+                self._wait(procs, job, slot_view, spec, timeout, on_progress, cloudpickle)
+            finally:
+                del slot_view
+                self.pool.release_all({w.process.pid for w in procs})
+
+    def probe(self, spec: dict, shape, order, timeout=None) -> object:
+        """Run the dtype probe in a worker; return the dtype or raise its error."""
+        with self._lock:
+            w = self._ensure(1)[0]
+            spec["call_id"] = next(self._ids)
+            w.conn.send_bytes(pickle.dumps(("probe", spec), protocol=pickle.HIGHEST_PROTOCOL))
+            info = dict(spec, shape=shape, order=order)
+            k = len(spec["args"][0]) if spec["args"] else 1
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                while True:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        w.kill()
+                        raise TimeoutError(
+                            f"{spec['func_name']} did not finish within {timeout} s (worker "
+                            f"{w.process.pid} on the {self._chunk_text(0, k, info)}, run first "
+                            "to learn the result dtype; pass dtype= to skip that)")
+                    ready = wait([w.conn, w.process.sentinel], timeout=0.1)
+                    if w.conn in ready:
+                        try:
+                            reply = pickle.loads(w.conn.recv_bytes())
+                        except (EOFError, OSError):
+                            ready = [w.process.sentinel]  # it died: report the crash
+                        else:
+                            if reply[1] != spec["call_id"]:
+                                continue
+                            if reply[0] == "probe":
+                                return reply[2]
+                            self._retire_if_exiting(w, reply)
+                            raise self._rebuild_error(reply, info)
+                    if w.process.sentinel in ready:
+                        raise self._crash_error(w, _Slots([[0, k]]), info)
+            except KeyboardInterrupt:
+                w.kill()
+                raise
+
+    def _wait(self, procs, job, slot_view, spec, timeout, on_progress, cloudpickle):
+        call_id = spec["call_id"]
+        pending = {w.conn: w for w in procs}
+        sentinels = {w.process.sentinel: w for w in procs}
+        first_error: BaseException | None = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stop_deadline = None
+        try:
+            while pending:
+                wait_for = 0.1
+                if deadline is not None:
+                    wait_for = max(0.0, min(wait_for, deadline - time.monotonic()))
+                ready = wait(list(pending) + [s for s, w in sentinels.items()
+                                              if w.conn in pending], timeout=wait_for)
+                # replies first: a worker that replied and then exited is not a crash
+                for r in sorted(ready, key=lambda r: r not in pending):
+                    if r in pending:
+                        w = pending[r]
+                        try:
+                            reply = pickle.loads(r.recv_bytes())
+                        except (EOFError, OSError):
+                            continue  # it died: its sentinel reports it
+                        if reply[1] != call_id:
+                            continue  # a late reply to an earlier, abandoned call
+                        del pending[r]
+                        self._retire_if_exiting(w, reply)
+                        if reply[0] == "error" and first_error is None:
+                            first_error = self._rebuild_error(reply, spec)
+                            job.cancel()
+                            stop_deadline = time.monotonic() + STOP_GRACE
+                    elif r in sentinels and sentinels[r].conn in pending:
+                        w = sentinels[r]
+                        del pending[w.conn]
+                        if first_error is None:
+                            first_error = self._crash_error(w, slot_view, spec)
+                            job.cancel()
+                            stop_deadline = time.monotonic() + STOP_GRACE
+                if on_progress is not None:
+                    on_progress(job.done)
+                now = time.monotonic()
+                if deadline is not None and now >= deadline and first_error is None:
+                    first_error = self._timeout_error(procs, slot_view, spec, timeout)
+                    job.cancel()
+                    for w in list(pending.values()):
+                        if slot_view[w.index, 0] >= 0:  # still computing: stuck
+                            w.kill()
+                            del pending[w.conn]
+                    stop_deadline = now + STOP_GRACE
+                if stop_deadline is not None and now >= stop_deadline:
+                    for w in pending.values():
+                        w.kill()  # did not stop within the grace period
+                    pending.clear()
+        except BaseException:
+            # Ctrl-C (or anything else) while waiting: cancel, give the workers a
+            # moment to finish their chunk, kill the rest.
+            job.cancel()
+            end = time.monotonic() + STOP_GRACE
+            while pending and time.monotonic() < end:
+                for r in wait(list(pending), timeout=0.05):
+                    try:
+                        r.recv_bytes()
+                    except (EOFError, OSError):
+                        pass
+                    pending.pop(r, None)
+            for w in pending.values():
+                w.kill()
+            raise
+        if first_error is not None:
+            raise first_error
+
+    @staticmethod
+    def _retire_if_exiting(w, reply) -> None:
+        """A worker that reported SystemExit/KeyboardInterrupt exits: reap it now."""
+        if reply[0] == "error" and reply[5] in ("builtins.SystemExit",
+                                                "builtins.KeyboardInterrupt"):
+            w.process.join(2)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(2)
+
+    # -- errors ----------------------------------------------------------------------
+    def _chunk_text(self, lo, hi, spec) -> str:
+        from coremap._tasks import index
+
+        class _P:  # index() needs shape and order
+            shape = spec["shape"]
+            order = spec["order"]
+
+        if lo is None or lo < 0:
+            return "before any chunk"
+        return f"chunk of elements {index(_P, lo)} to {index(_P, hi - 1)}"
+
+    def _rebuild_error(self, reply, spec) -> BaseException:
+        _, _, lo, hi, payload, type_name, message, tb, notes = reply
+        exc = None
+        if payload is not None:
+            try:
+                exc = pickle.loads(payload)
+            except Exception:
+                exc = None
+        if exc is None:
+            exc = RemoteError(type_name, message, tb)
+        if type_name in ("builtins.SystemExit", "builtins.KeyboardInterrupt"):
+            # never let a worker's exit or interrupt stop the parent: report it
+            exc = RemoteError(type_name, message, tb)
+        exc.__cause__ = _RemoteTraceback(tb)
+        if hasattr(exc, "add_note") and not any("raised by" in n for n in notes):
+            exc.add_note(f"raised by {spec['func_name']} in a worker process, on the "
+                         f"{self._chunk_text(lo, hi, spec)}")
+        return exc
+
+    def _crash_error(self, w, slot_view, spec) -> WorkerCrashedError:
+        w.process.join(1)
+        code = w.process.exitcode
+        lo, hi = (int(v) for v in slot_view[w.index])
+        if code is not None and code < 0:
+            try:
+                how = f"signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"signal {-code}"
+        else:
+            how = f"exit code {code}"
+        return WorkerCrashedError(
+            f"worker process {w.process.pid} died ({how}) while computing "
+            f"{self._chunk_text(lo, hi, spec)} of {spec['func_name']}; it will be replaced",
+            pid=w.process.pid, exitcode=code, chunk=(lo, hi) if lo >= 0 else None,
+        )
+
+    def _timeout_error(self, procs, slot_view, spec, timeout) -> TimeoutError:
+        stuck = [(w, int(slot_view[w.index, 0]), int(slot_view[w.index, 1])) for w in procs
+                 if slot_view[w.index, 0] >= 0]
+        where = "; ".join(f"worker {w.process.pid} on the {self._chunk_text(lo, hi, spec)}"
+                          for w, lo, hi in stuck) or "no chunk in progress"
+        return TimeoutError(f"{spec['func_name']} did not finish within {timeout} s ({where})")
+
+    def shutdown(self) -> None:
+        """Stop every worker and free the pooled segments."""
+        with self._lock:
+            for w in self._workers:
+                try:
+                    w.conn.send_bytes(pickle.dumps(None))
+                except OSError:
+                    pass
+            end = time.monotonic() + 2.0
+            for w in self._workers:
+                w.process.join(max(0.0, end - time.monotonic()))
+                w.kill()
+            self._workers = []
+            self.pool.flush()

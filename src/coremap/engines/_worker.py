@@ -1,0 +1,185 @@
+"""The process engine's worker: the loop that runs in each child process.
+
+    parent ──("call", spec)──> worker: attach segments (cached), rebuild the views,
+                               claim chunks from the shared job state, compute in place
+    parent <──("done", id) or ("error", id, lo, hi, exception...)── worker
+
+A worker ignores SIGINT (the parent owns Ctrl-C and cancels through the shared
+job state), limits BLAS/OpenMP pools to one thread, and exits when its parent
+goes away (a watchdog thread), so killing the parent leaves no worker behind. Nested ``parallel_map`` calls inside a
+worker run serially (``COREMAP_WORKERS=1``): no fork bomb.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+
+IN_WORKER_ENV = "COREMAP_IN_WORKER"
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # Not PR_SET_PDEATHSIG: it fires when the parent *thread* that started the
+    # worker exits, and any thread may call parallel_map. A dead parent
+    # re-parents the worker, which the watchdog sees within 0.25 s; an idle
+    # worker also sees its socket close.
+    def watchdog():
+        while True:
+            time.sleep(0.25)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watchdog, name="coremap-watchdog", daemon=True).start()
+
+
+class _Call:
+    """What ``_tasks.chunk_function`` needs to know about a call (a plan's subset)."""
+
+    def __init__(self, spec: dict, func) -> None:
+        self.kind = spec["kind"]
+        self.func = func
+        self.func_name = spec["func_name"]
+        self.shape = spec["shape"]
+        self.order = spec["order"]
+        self.inputs = spec["inputs"]  # list of _layout.Input
+        self.in_dtypes = spec["in_dtypes"]
+
+
+def _views(spec, segments):
+    import numpy as np
+
+    from coremap import _layout, _shm
+
+    views = []
+    for desc, inp in zip(spec["views"], [*spec["inputs"], None]):
+        if desc is None:  # a scalar input
+            views.append(_layout.iteration_view(inp.array, spec["shape"], spec["order"]))
+            continue
+        name, offset, shape, strides, dtype = desc
+        seg = segments.get(name)
+        if seg is None:
+            seg = segments[name] = _shm.Segment.attach(name)
+        views.append(np.ndarray(shape, dtype, buffer=seg.mmap, offset=offset, strides=strides))
+    return views
+
+
+def _report(exc: BaseException, call_id, lo, hi):
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        payload = pickle.dumps(exc)
+        pickle.loads(payload)  # an exception that cannot be rebuilt is sent as text
+    except Exception:
+        payload = None
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    notes = list(getattr(exc, "__notes__", ()))
+    return ("error", call_id, lo, hi, payload, name, str(exc), tb, notes)
+
+
+def probe(spec: dict):
+    """Learn the result dtype on the first elements, here rather than in the parent."""
+    import cloudpickle
+
+    from coremap import _tasks
+
+    func = cloudpickle.loads(spec["func"])
+    try:
+        dtype = _tasks.probe_dtype(func, spec["kind"], spec["func_name"], spec["scalars"],
+                                   spec["args"])
+    except BaseException as exc:
+        return _report(exc, spec["call_id"], 0, len(spec["args"][0]) if spec["args"] else 1)
+    return ("probe", spec["call_id"], dtype)
+
+
+def run_call(spec: dict, funcs: dict, segments: dict):
+    """Compute this worker's share of one call; return the reply message."""
+    import cloudpickle
+
+    from coremap import _layout, _shm, _tasks
+    from coremap._kernels import _runner
+
+    call_id = spec["call_id"]
+    func = funcs.get(spec["func_key"])
+    if func is None:
+        func = cloudpickle.loads(spec["func"])
+        funcs.clear()  # keep one function: Numba's caches key on its identity
+        funcs[spec["func_key"]] = func
+    call = _Call(spec, func)
+    ctrl_name, state_offset, slot_offset = spec["ctrl"]
+    ctrl = segments.get(ctrl_name) or segments.setdefault(ctrl_name, _shm.Segment.attach(ctrl_name))
+    views = _views(spec, segments)
+    used = {ctrl_name, *(d[0] for d in spec["views"] if d is not None)}
+    for name in list(segments):
+        if name not in spec["keep"] and name not in used:
+            segments.pop(name).close()  # unmapped once no array of ours uses it
+    space = _layout.build_space(views)
+    n, workers, schedule, chunk, max_chunk, target_ns, first_chunk = spec["job"]
+    job = _runner.Job(n, workers, schedule, chunk, max_chunk, target_ns=target_ns,
+                      first_chunk=first_chunk, state=ctrl.address + state_offset, init=False,
+                      state_owner=ctrl)
+    job.set_slot(ctrl.address + slot_offset)
+    errors = _tasks.Errors()
+    if call.kind in ("numba", "builtin"):
+        address = _tasks.native_kernel(call, space)
+        job.set_kernel(address, space.base_ptrs, space.meta(), views)
+        _tasks.native_task()(job, False)
+        failed = job.failed_chunk
+        if failed is not None:
+            try:
+                _tasks.raise_native_failure(call, space, *failed)
+            except BaseException as exc:
+                return _report(exc, call_id, *failed)
+        return ("done", call_id)
+    _tasks.python_task(_tasks.chunk_function(call, space, errors), errors)(job, False)
+    if errors.first is not None:
+        exc, lo, hi = errors.first
+        return _report(exc, call_id, lo, hi)
+    return ("done", call_id)
+
+
+def bootstrap(fd: int, parent_pid: int) -> None:
+    """Entry point of a worker process: ``python -c`` calls this with its socket."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    setup = pickle.loads(conn.recv_bytes())
+    sys.path[:] = setup["sys_path"]  # so functions pickled by reference import here too
+    main(conn, parent_pid)
+
+
+def main(conn, parent_pid: int) -> None:
+    """The worker's loop (see the module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["COREMAP_WORKERS"] = "1"  # nested calls run serially
+    os.environ[IN_WORKER_ENV] = "1"
+    _die_with_parent(parent_pid)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        pass
+    funcs: dict = {}
+    segments: dict = {}
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        msg = pickle.loads(data)
+        if msg is None:
+            return
+        spec = msg[1]
+        try:
+            if msg[0] == "probe":
+                reply = probe(spec)
+            else:
+                reply = run_call(spec, funcs, segments)
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+            reply = _report(exc, spec.get("call_id"), -1, -1)
+        conn.send_bytes(pickle.dumps(reply))
+        if reply[0] == "error" and reply[5] in ("builtins.SystemExit", "builtins.KeyboardInterrupt"):
+            return  # asked to stop: the parent replaces this worker

@@ -1,0 +1,199 @@
+"""``SharedArray``: a NumPy array whose buffer lives in shared memory.
+
+It pickles by *name*, never by content: a process that unpickles one (a
+``multiprocessing.Process`` argument, a ``Pool`` task, a process-engine worker)
+maps the same segment, zero copy, and its writes are seen by everyone. Slices
+and views pickle as views of the same segment (offset, shape, strides). An
+array that does not live in a segment (a ufunc result, a copy) is a plain
+``ndarray`` and pickles by content as usual.
+
+Lifetime: the creating process owns the segment. Its name is removed at
+``unlink()``, when the last array using it in the creator is garbage, or at
+exit; mappings stay valid until their last array goes. See ``_shm.py``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import numpy as np
+
+from coremap import _shm
+from coremap._kernels import _runner
+
+__all__ = ["SharedArray", "SharedLock", "cleanup_stale"]
+
+cleanup_stale = _shm.cleanup_stale
+
+
+def _token() -> int:
+    # Distinct for each thread of each process (a lock is not re-entrant).
+    return (os.getpid() << 22) ^ (threading.get_ident() & 0x3FFFFF) or 1
+
+
+class SharedLock:
+    """A lock that lives in a segment's header: any process mapping it can take it.
+
+    Behaves like ``multiprocessing.Lock`` (``acquire(block, timeout)``,
+    ``release()``, a context manager) and pickles by the segment's name, so it
+    travels with its array. Not re-entrant.
+    """
+
+    __slots__ = ("_segment",)
+
+    def __init__(self, segment: _shm.Segment) -> None:
+        self._segment = segment
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        if not block:
+            timeout = 0.0
+        main = threading.current_thread() is threading.main_thread()
+        return _runner.lock_acquire(self._segment.address, _token(),
+                                    -1.0 if timeout is None else max(0.0, timeout), main)
+
+    def release(self) -> None:
+        _runner.lock_release(self._segment.address, _token())
+
+    def locked(self) -> bool:
+        return _runner.lock_holder(self._segment.address) != 0
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __reduce__(self):
+        return _attach_lock, (self._segment.name,)
+
+    def __repr__(self) -> str:
+        return f"<SharedLock of {self._segment.name} {'locked' if self.locked() else 'unlocked'}>"
+
+
+def _attach_lock(name: str) -> SharedLock:
+    return SharedLock(_shm.Segment.attach(name))
+
+
+def _rebuild(name, offset, shape, strides, dtype):
+    seg = _shm.Segment.attach(name)
+    arr = np.ndarray(shape, dtype, buffer=seg.mmap, offset=offset, strides=strides)
+    out = arr.view(SharedArray)
+    out._segment = seg
+    return out
+
+
+class SharedArray(np.ndarray):
+    """An ndarray in shared memory, pickled by name (zero copy between processes).
+
+    Create one with :meth:`empty`, :meth:`zeros` or :meth:`from_array`.
+
+    Examples
+    --------
+    >>> import numpy as np, coremap as cm
+    >>> a = cm.SharedArray.zeros((2, 3))
+    >>> a[0] = 1.0
+    >>> with a.lock:
+    ...     a[1] += 2.0
+    >>> float(a.sum())
+    9.0
+    >>> a.unlink()
+    """
+
+    _segment: _shm.Segment | None = None
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def empty(cls, shape, dtype=float, order: str = "C") -> SharedArray:
+        """A new shared array (its memory is reserved and zero-filled by the OS)."""
+        dtype = np.dtype(dtype)
+        if dtype.hasobject:
+            raise TypeError("a SharedArray cannot hold Python objects (object dtype)")
+        if order not in ("C", "F"):
+            raise ValueError(f"order must be 'C' or 'F', got {order!r}")
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        if any(int(s) < 0 for s in shape):
+            raise ValueError(f"negative dimensions are not allowed: {shape}")
+        seg = _shm.Segment.create(math.prod(shape) * dtype.itemsize)
+        arr = np.ndarray(shape, dtype, buffer=seg.mmap, offset=_shm.HEADER, order=order)
+        out = arr.view(cls)
+        out._segment = seg
+        return out
+
+    @classmethod
+    def zeros(cls, shape, dtype=float, order: str = "C") -> SharedArray:
+        """A new shared array of zeros (fresh segments are zero-filled: no write needed)."""
+        return cls.empty(shape, dtype, order)
+
+    @classmethod
+    def from_array(cls, x) -> SharedArray:
+        """A shared copy of ``x`` (same shape and dtype; Fortran order kept)."""
+        x = np.asarray(x)
+        order = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
+        out = cls.empty(x.shape, x.dtype, order)
+        np.copyto(out, x)
+        return out
+
+    # -- numpy subclass protocol ------------------------------------------------------
+    def __array_finalize__(self, obj) -> None:
+        seg = getattr(obj, "_segment", None)
+        if seg is not None and not _inside(self, seg):
+            seg = None
+        self._segment = seg
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        if isinstance(arr, SharedArray) and arr._segment is None:
+            arr = arr.view(np.ndarray)  # a result in private memory is a plain array
+        if return_scalar:
+            return arr[()]
+        return arr
+
+    def __reduce__(self):
+        seg = self._segment
+        if seg is None:
+            return self.view(np.ndarray).__reduce__()
+        offset = self.__array_interface__["data"][0] - seg.address
+        return _rebuild, (seg.name, offset, self.shape, self.strides, self.dtype)
+
+    # -- shared-memory API ----------------------------------------------------------
+    @property
+    def name(self) -> str | None:
+        """The segment's name (what a pickle carries), or None for a private copy."""
+        return None if self._segment is None else self._segment.name
+
+    @property
+    def lock(self) -> SharedLock:
+        """A process-safe lock that travels with the array (one per segment)."""
+        if self._segment is None:
+            raise ValueError("this array is not in shared memory (it has no lock)")
+        return SharedLock(self._segment)
+
+    def unlink(self) -> None:
+        """Remove the segment's name (creator only; mappings stay valid)."""
+        if self._segment is not None and self._segment.owner:
+            self._segment.unlink()
+
+    def close(self) -> None:
+        """Stop using the segment from this array (its memory goes with the last view)."""
+        seg, self._segment = self._segment, None
+        if seg is not None:
+            seg.close()
+
+    def __enter__(self) -> SharedArray:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unlink()
+
+
+def _inside(arr: np.ndarray, seg: _shm.Segment) -> bool:
+    start = arr.__array_interface__["data"][0]
+    if arr.size == 0:
+        return seg.address <= start <= seg.address + seg.size
+    lo = hi = start
+    for n, s in zip(arr.shape, arr.strides):
+        if s < 0:
+            lo += (n - 1) * s
+        else:
+            hi += (n - 1) * s
+    return seg.address <= lo and hi + arr.itemsize <= seg.address + seg.size

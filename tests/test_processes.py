@@ -1,0 +1,467 @@
+"""The process engine: results against the serial engine, and the fault bar of RELIABILITY.md."""
+from __future__ import annotations
+
+import ctypes
+import decimal
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pytest
+from helpers import same_bits
+
+import coremap as cm
+from coremap import _shm
+from coremap.engines._processes import process_engine
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def dec2(v):
+    """A function Numba cannot compile."""
+    return float(decimal.Decimal(v) * 2)
+
+
+def poly(v):
+    return v * v + 1.0
+
+
+@pytest.fixture
+def engine():
+    return process_engine()
+
+
+def _segments():
+    return set(_shm.list_segments())
+
+
+# -- results ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "func, vectorized",
+    [(dec2, False), (poly, False), (np.sqrt, False), (lambda c: c * 2.5, True),
+     (cm.kernels.affine(2.0, 1.0), False)],
+)
+@pytest.mark.parametrize("layout", ["C", "F", "strided", "negative"])
+def test_matches_serial(func, vectorized, layout):
+    x = np.abs(np.random.default_rng(0).standard_normal((60, 50)))
+    x = {"C": x, "F": np.asfortranarray(x), "strided": x[::2, 1::3], "negative": x[::-1]}[layout]
+    want = cm.parallel_map(x, func, vectorized=vectorized, backend="serial")
+    got = cm.parallel_map(x, func, vectorized=vectorized, backend="processes", workers=2,
+                          chunk_size=97)
+    assert same_bits(got, want)
+
+
+def test_broadcast_scalars_and_out():
+    a = np.random.default_rng(1).random((40, 1))
+    b = np.random.default_rng(2).random((1, 30))
+
+    def g(u, v, k):
+        return float(decimal.Decimal(u) + decimal.Decimal(v)) * k
+
+    want = cm.parallel_map((a, b, 3), g, backend="serial")
+    out = np.empty((40, 30))
+    got = cm.parallel_map((a, b, 3), g, backend="processes", out=out)
+    assert got is out and same_bits(out, want)
+
+
+def test_shared_array_in_and_out_zero_copy(engine):
+    x = cm.SharedArray.from_array(np.random.default_rng(0).random(10**5))
+    out = cm.SharedArray.zeros(10**5)
+    res = cm.parallel_map(x, dec2, out=out, backend="processes")
+    assert res is out
+    np.testing.assert_allclose(out, 2 * x)
+    x.unlink()
+    out.unlink()
+
+
+def test_no_array_bytes_are_pickled(engine):
+    x = np.random.default_rng(0).random(10**7)
+    cm.parallel_map(x, lambda c: c + 1.0, vectorized=True, backend="processes")
+    assert engine.last_bytes_sent < 8_000, engine.last_bytes_sent
+
+
+def test_auto_sends_uncompilable_functions_to_processes():
+    x = np.random.default_rng(0).random(300_000)
+    with pytest.warns(cm.CoremapWarning, match="worker processes"):
+        got = cm.parallel_map(x, dec2)
+    np.testing.assert_allclose(got, 2 * x)
+    plan = cm.explain(x, dec2)
+    assert plan.engine == "processes" and "Numba could not compile" in str(plan)
+
+
+def test_auto_keeps_tiny_uncompilable_calls_serial():
+    x = np.arange(50.0)
+    with pytest.warns(cm.CoremapWarning):
+        got = cm.parallel_map(x, dec2)
+    np.testing.assert_array_equal(got, 2 * x)
+
+
+def test_nested_call_in_worker_runs_serially():
+    def inner(c):
+        return cm.parallel_map(c, dec2, backend="processes")
+
+    x = np.arange(2000.0)
+    got = cm.parallel_map(x, inner, vectorized=True, backend="processes", workers=2)
+    np.testing.assert_array_equal(got, 2 * x)
+
+
+# -- failures ---------------------------------------------------------------------------
+
+class Boom(Exception):
+    pass
+
+
+def raises_at(v):
+    if v == 1234.0:
+        raise Boom(f"bad element {v}")
+    return float(decimal.Decimal(v))
+
+
+def test_exception_type_cause_and_index(engine):
+    x = np.arange(5000.0)
+    with pytest.raises(Boom, match="bad element 1234") as info:
+        cm.parallel_map(x, raises_at, backend="processes", workers=2)
+    cause = info.value.__cause__
+    assert cause is not None and "raises_at" in str(cause) and "Traceback" in str(cause)
+    if sys.version_info >= (3, 11):
+        assert any("(1234,)" in n for n in info.value.__notes__)
+    np.testing.assert_array_equal(cm.parallel_map(x, dec2, backend="processes"), 2 * x)
+
+
+def test_exception_returns_fast_while_other_chunks_sleep(engine):
+    def slow_or_fail(c):
+        if c[0] == 0:
+            raise Boom("first chunk")
+        time.sleep(10)
+        return c
+
+    x = np.arange(101 * 100.0)
+    t = time.perf_counter()
+    with pytest.raises(Boom):
+        cm.parallel_map(x, slow_or_fail, vectorized=True, backend="processes", workers=2,
+                        schedule="dynamic", chunk_size=100)
+    assert time.perf_counter() - t < 5.0
+
+
+class Unpicklable(Exception):
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = __import__("threading").Lock()
+
+
+class Unbuildable(Exception):
+    def __init__(self, a, b):  # pickles, but cannot be rebuilt from args
+        super().__init__(f"{a}-{b}")
+
+
+def raise_unpicklable(v):
+    if v == 3.0:
+        raise Unpicklable("cannot pickle me")
+    return float(decimal.Decimal(v))
+
+
+def raise_unbuildable(v):
+    if v == 3.0:
+        raise Unbuildable(1, 2)
+    return float(decimal.Decimal(v))
+
+
+@pytest.mark.parametrize("func, name", [(raise_unpicklable, "Unpicklable"),
+                                        (raise_unbuildable, "Unbuildable")])
+def test_exceptions_that_do_not_travel(func, name, engine):
+    x = np.arange(100.0)
+    cm.parallel_map(x, dec2, backend="processes", workers=2)
+    pids = engine.pids()
+    for _ in range(20):
+        with pytest.raises(cm.RemoteError) as info:
+            cm.parallel_map(x, func, backend="processes", workers=2)
+        assert name in info.value.type_name and "Traceback" in info.value.traceback
+    assert engine.pids() == pids  # the workers survived
+    np.testing.assert_array_equal(cm.parallel_map(x, dec2, backend="processes"), 2 * x)
+
+
+def test_unpicklable_function_fails_before_dispatch(engine):
+    import threading
+
+    lock = threading.Lock()
+    x = np.arange(100.0)
+    before = engine.last_bytes_sent
+
+    def uses_lock(v):
+        with lock:
+            return float(decimal.Decimal(v))
+
+    with pytest.raises(TypeError, match="cannot send .*uses_lock to worker processes"):
+        cm.parallel_map(x, uses_lock, backend="processes")
+    assert engine.last_bytes_sent == before
+
+
+def exit_in(v):
+    if v == 3.0:
+        sys.exit(7)
+    return float(decimal.Decimal(v))
+
+
+def interrupt_in(v):
+    if v == 3.0:
+        raise KeyboardInterrupt
+    return float(decimal.Decimal(v))
+
+
+@pytest.mark.parametrize("func, name", [(exit_in, "SystemExit"),
+                                        (interrupt_in, "KeyboardInterrupt")])
+def test_exit_and_interrupt_inside_function(func, name, engine):
+    x = np.arange(100.0)
+    with pytest.raises(cm.RemoteError, match=name):
+        cm.parallel_map(x, func, backend="processes", workers=2)
+    np.testing.assert_array_equal(cm.parallel_map(x, dec2, backend="processes"), 2 * x)
+
+
+def kill_self(v):
+    if v == 500.0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return float(decimal.Decimal(v))
+
+
+def segfault(v):
+    if v == 500.0:
+        ctypes.string_at(0)
+    return float(decimal.Decimal(v))
+
+
+def hard_exit(v):
+    if v == 500.0:
+        os._exit(3)
+    return float(decimal.Decimal(v))
+
+
+@pytest.mark.parametrize("func, how", [(kill_self, "SIGKILL"), (segfault, "SIGSEGV"),
+                                       (hard_exit, "exit code 3")])
+def test_worker_death_is_an_error_then_recovery(func, how, engine):
+    x = np.arange(2000.0)
+    before = _segments()
+    t = time.perf_counter()
+    with pytest.raises(cm.WorkerCrashedError, match=how) as info:
+        cm.parallel_map(x, func, backend="processes", workers=2, chunk_size=100)
+    assert time.perf_counter() - t < 5.0
+    err = info.value
+    assert err.pid and err.chunk is not None and err.chunk[0] <= 500 < err.chunk[1]
+    assert "(500,)" in str(err) or f"({err.chunk[0]},)" in str(err)
+    np.testing.assert_array_equal(cm.parallel_map(x, dec2, backend="processes", workers=2),
+                                  2 * x)
+    assert _segments() <= before
+
+
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_every_worker_killed_at_once(workers, engine):
+    x = np.arange(50_000.0)
+    cm.parallel_map(x[:10], dec2, backend="processes", workers=workers)
+
+    def killer():
+        time.sleep(0.3)
+        for pid in engine.pids()[:workers]:
+            os.kill(pid, signal.SIGKILL)
+
+    import threading
+
+    t = threading.Thread(target=killer)
+    t.start()
+
+    def slow(v):
+        time.sleep(0.001)
+        return v
+
+    with pytest.raises(cm.WorkerCrashedError):
+        cm.parallel_map(x, slow, backend="processes", workers=workers)
+    t.join(10)
+    np.testing.assert_array_equal(cm.parallel_map(x[:100], dec2, backend="processes",
+                                                  workers=workers), 2 * x[:100])
+
+
+def test_timeout_names_chunk_and_replaces_worker(engine):
+    def hang(c):
+        if c[0] == 0:
+            time.sleep(60)
+        return c
+
+    x = np.arange(10_000.0)
+    cm.parallel_map(x, dec2, backend="processes", workers=2)
+    pids = set(engine.pids())
+    t = time.perf_counter()
+    with pytest.raises(TimeoutError, match="did not finish within 1.0 s") as info:
+        cm.parallel_map(x, hang, vectorized=True, backend="processes", workers=2,
+                        chunk_size=1000, timeout=1.0)
+    assert time.perf_counter() - t < 1.0 + 1.5
+    assert "chunk of elements (0,)" in str(info.value)
+    np.testing.assert_array_equal(cm.parallel_map(x, dec2, backend="processes", workers=2),
+                                  2 * x)
+    assert set(engine.pids()) != pids  # the stuck worker was replaced
+
+
+def test_timeout_on_threads():
+    def slow(c):
+        time.sleep(0.2)
+        return c
+
+    with pytest.raises(TimeoutError, match="did not finish"):
+        cm.parallel_map(np.arange(20_000.0), slow, vectorized=True, backend="threads",
+                        workers=2, chunk_size=1000, timeout=0.5)
+
+
+def test_ten_threads_share_the_engine():
+    import concurrent.futures
+
+    x = np.arange(3000.0)
+    with concurrent.futures.ThreadPoolExecutor(10) as ex:
+        results = list(ex.map(lambda k: cm.parallel_map(x + k, dec2, backend="processes"),
+                              range(10)))
+    for k, r in enumerate(results):
+        np.testing.assert_array_equal(r, 2 * (x + k))
+
+
+def test_no_listening_tcp_socket(engine):
+    cm.parallel_map(np.arange(100.0), dec2, backend="processes", workers=2)
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    parts = line.split()
+                    if parts[3] == "0A":  # LISTEN
+                        listening.add(parts[9])
+        except FileNotFoundError:
+            pass
+    ours = set()
+    for pid in [os.getpid(), *engine.pids()]:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                ours.add(target[8:-1])
+    assert not (ours & listening)
+
+
+# -- the whole process: Ctrl-C, a killed parent, pools after threads ------------------
+
+SCRIPT = textwrap.dedent(
+    """
+    import decimal, os, signal, sys, time
+    import numpy as np
+    import coremap as cm
+    from coremap.engines._processes import process_engine
+
+    def slow(v):
+        time.sleep(0.002)
+        return float(decimal.Decimal(v))
+
+    mode = sys.argv[1]
+    x = np.arange(200_000.0)
+    if mode == "after-threads":
+        cm.parallel_map(np.random.default_rng(0).random(10**6), lambda v: v * 2.0)
+        cm.parallel_map(np.arange(10.0), np.sin, backend="threads")
+    cm.parallel_map(x[:10], slow, backend="processes", workers=2)
+    print("pids", *process_engine().pids(), flush=True)
+    if mode == "after-threads":
+        y = cm.parallel_map(x[:4000], slow, backend="processes", workers=2)
+        print("ok", bool((y == x[:4000]).all()), flush=True)
+        sys.exit(0)
+    if mode == "idle":
+        time.sleep(60)
+    t = time.perf_counter()
+    try:
+        cm.parallel_map(x, slow, backend="processes", workers=2)
+    except KeyboardInterrupt:
+        print(f"interrupted {time.perf_counter() - t:.3f}", flush=True)
+        sys.exit(3)
+    """
+)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def _wait_gone(pids, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _start(tmp_path, mode):
+    script = tmp_path / "proc.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    line = proc.stdout.readline().split()
+    assert line and line[0] == "pids", line
+    return proc, [int(p) for p in line[1:]]
+
+
+@pytest.mark.parametrize("target", ["group", "parent"])
+def test_ctrl_c_stops_processes(tmp_path, target):
+    before = _segments()
+    proc, pids = _start(tmp_path, "busy")
+    try:
+        time.sleep(0.7)
+        t0 = time.perf_counter()
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+        elapsed = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 3 and out.startswith("interrupted"), out
+    assert elapsed < 3.0
+    assert _wait_gone(pids, 2.0), "a worker outlived its parent"
+    assert _segments() <= before
+
+
+@pytest.mark.parametrize("mode", ["idle", "busy"])
+def test_parent_killed_workers_follow(tmp_path, mode):
+    proc, pids = _start(tmp_path, mode)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    assert _wait_gone(pids, 2.0), "a worker outlived its SIGKILLed parent"
+    cm.cleanup_stale()
+
+
+def test_process_pool_after_threads_and_numba(tmp_path):
+    proc, _ = _start(tmp_path, "after-threads")
+    out, _ = proc.communicate(timeout=50)
+    assert proc.returncode == 0 and "ok True" in out
+
+
+def test_segments_gone_after_sigkilled_worker(engine):
+    before = _segments()
+    with pytest.raises(cm.WorkerCrashedError):
+        cm.parallel_map(np.arange(2000.0), kill_self, backend="processes", workers=2)
+    time.sleep(1.0)
+    assert _segments() <= before
+
+
+def test_warning_free_on_explicit_backend():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm.parallel_map(np.arange(10.0), dec2, backend="processes")
