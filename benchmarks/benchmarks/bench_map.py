@@ -172,3 +172,25 @@ class Speedup:
         return peer / ours
 
     track_w3_sorted_over_numba_prange.unit = "x"
+
+
+class PythonFunction:
+    """W4: a function Numba cannot compile, per element, on the process engine."""
+
+    params = ["serial", "coremap processes", "coremap vectorized threads", "numpy vectorized"]
+    param_names = ["engine"]
+    timeout = 300
+
+    def setup(self, engine):
+        x = _workloads.data(2 * 10**5)
+        self.fn = {
+            "serial": lambda: _workloads.w4_serial(x),
+            "coremap processes": lambda: cm.parallel_map(x, _workloads.w4, backend="processes"),
+            "coremap vectorized threads": lambda: cm.parallel_map(
+                x, _workloads.w4_vectorized, vectorized=True),
+            "numpy vectorized": lambda: _workloads.w4_vectorized(x),
+        }[engine]
+        self.fn()
+
+    def time_w4(self, engine):
+        self.fn()

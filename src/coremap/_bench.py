@@ -25,7 +25,7 @@ import numpy as np
 import coremap as cm
 from coremap import _config, _workloads
 
-WORKLOADS = ("W1", "W2", "W3", "W5", "W6", "JIT")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "JIT")
 
 
 @dataclasses.dataclass
@@ -233,6 +233,53 @@ def bench_w3(n: int, repeat: int, pool: bool = True) -> list[Row]:
     return rows
 
 
+def _w4_chunk(piece):
+    return _workloads.w4_serial(piece)
+
+
+def bench_w4(n: int, repeat: int, pool: bool = True) -> list[Row]:
+    """W4: a Python function Numba cannot compile, and NumPy on chunks."""
+    import multiprocessing as mp
+
+    x = _workloads.data(n)
+    contenders = {
+        "serial: list comprehension": lambda: np.array([_workloads.w4(v) for v in x.tolist()]),
+        "serial: np.fromiter(map)": lambda: _workloads.w4_serial(x),
+        "serial: np.frompyfunc": lambda: np.frompyfunc(_workloads.w4, 1, 1)(x).astype(float),
+    }
+    mp_pool = None
+    if pool:
+        mp_pool = mp.get_context("forkserver").Pool(_config.usable_cores())
+        for chunks in (2, 64):
+            pieces = np.array_split(x, chunks)
+            contenders[f"mp.Pool.map, {chunks} chunks"] = (
+                lambda p=pieces: np.concatenate(mp_pool.map(_w4_chunk, p)))
+    contenders["coremap processes"] = lambda: cm.parallel_map(x, _workloads.w4,
+                                                              backend="processes")
+    try:
+        t = time_interleaved(contenders, repeat)
+    finally:
+        if mp_pool is not None:
+            mp_pool.terminate()
+            mp_pool.join()
+    serial = min(v for k, v in t.items() if k.startswith("serial"))
+    rows = [Row(f"W4 {n:.0e}", k, v, serial / v) for k, v in t.items()]
+    procs = [v for k, v in t.items() if k.startswith("mp.")]
+    for r in rows:
+        if r.contender == "coremap processes":
+            r.target = ">= 1.85x fastest serial, >= process peers"
+            r.met = serial / r.seconds >= 1.85 and all(r.seconds <= p for p in procs)
+            r.note = f"{serial / r.seconds:.2f}x fastest serial idiom"
+    # the NumPy-on-chunks variant: vectorized=True on threads
+    t = time_interleaved({
+        "numpy (1 thread)": lambda: _workloads.w4_vectorized(x),
+        "coremap vectorized=True": lambda: cm.parallel_map(x, _workloads.w4_vectorized,
+                                                           vectorized=True),
+    }, repeat)
+    rows += [Row(f"W4 vec {n:.0e}", k, v, t["numpy (1 thread)"] / v) for k, v in t.items()]
+    return rows
+
+
 def bench_w5(repeat: int) -> list[Row]:
     import timeit
 
@@ -351,6 +398,7 @@ def run(workloads=WORKLOADS, quick: bool = False, file=None) -> list[Row]:
         "W1": lambda: bench_w1(big, repeat) + ([] if quick else bench_w1(10**8, 3)),
         "W2": lambda: bench_w2(big, repeat),
         "W3": lambda: bench_w3(10**6 if not quick else 3 * 10**5, repeat, pool=not quick),
+        "W4": lambda: bench_w4(10**6 if not quick else 2 * 10**5, repeat, pool=not quick),
         "W5": lambda: bench_w5(repeat),
         "W6": lambda: bench_w6(big if not quick else 10**6, repeat),
         "JIT": lambda: bench_jit(repeat),

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_demo)
     p = sub.add_parser("bench", help="the BENCHMARKS.md workloads, head to head with the peers")
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
-    p.add_argument("--workload", action="append", help="W1, W2, W3, W5, W6 or JIT (repeatable)")
+    p.add_argument("--workload", action="append", help="W1..W6 or JIT (repeatable)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.set_defaults(run=_bench)
     p = sub.add_parser("info", help="cores, engines, Numba, shared memory, optional backends")

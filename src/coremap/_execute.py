@@ -14,6 +14,7 @@ with its own type.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 import sys
 import time
 
@@ -45,6 +46,12 @@ PROBE = 256
 TARGET_CHUNK_NS = 20_000_000
 ESCALATE_NS = 100_000
 FIRST_CHUNK = 1_024
+# A plain Python function may take milliseconds per element: start smaller.
+FIRST_CHUNK_PYTHON = 64
+
+
+def _first_chunk(plan) -> int:
+    return min(plan.chunk, FIRST_CHUNK_PYTHON if plan.kind == "python" else FIRST_CHUNK)
 
 
 
@@ -54,7 +61,7 @@ def new_job(plan):
     return _runner.Job(
         plan.size, plan.workers, plan.schedule, plan.chunk, plan.max_chunk,
         target_ns=TARGET_CHUNK_NS if timed else 0,
-        first_chunk=min(plan.chunk, FIRST_CHUNK) if timed else 0,
+        first_chunk=_first_chunk(plan) if timed else 0,
         escalate_ns=ESCALATE_NS,
     )
 
@@ -202,6 +209,19 @@ def _describe(view: np.ndarray, seg) -> tuple:
     return (seg.name, offset, view.shape, view.strides, view.dtype)
 
 
+# (function, input dtypes) -> result dtype probed in a worker. A process round
+# trip costs about as much as a small call, so the probe runs once per signature;
+# later results are cast to it with the "same_kind" rule (or fail loudly).
+_probed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probed_dtype(plan):
+    try:
+        return _probed.get(plan.func, {}).get((plan.kind, plan.in_dtypes))
+    except TypeError:
+        return None
+
+
 def _execute_processes(plan, progress: bool) -> np.ndarray:
     """Run ``plan`` on the process engine: operands in shared memory, nothing pickled
     but names, offsets, shapes and strides (and the function, once per worker)."""
@@ -221,6 +241,8 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
         ) from exc
     engine = process_engine()
     with engine._lock:
+        if plan.out_dtype is None:
+            plan.out_dtype = _probed_dtype(plan)
         if plan.out_dtype is None:  # probed in a worker: the parent never runs user code
             t0 = time.monotonic()
             plan.out_dtype = engine.probe({
@@ -230,6 +252,10 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
             if plan.timeout is not None:
                 plan = dataclasses.replace(
                     plan, timeout=max(1e-3, plan.timeout - (time.monotonic() - t0)))
+            try:
+                _probed.setdefault(plan.func, {})[(kind, plan.in_dtypes)] = plan.out_dtype
+            except TypeError:  # not weak-referenceable or unhashable: probe every call
+                pass
         procs = engine.prepare(plan.workers)
         _, out = _output(plan)
         direct = plan.out is not None and _segment_of(plan.out) is not None \
@@ -272,7 +298,7 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
         timed = plan.schedule != "static"
         job_params = (plan.size, plan.workers, plan.schedule, plan.chunk, plan.max_chunk,
                       TARGET_CHUNK_NS if timed else 0,
-                      min(plan.chunk, FIRST_CHUNK) if timed else 0)
+                      _first_chunk(plan) if timed else 0)
         on_progress, bar = _progress_bar(plan, progress)
         try:
             engine.run(spec, procs, job_params, timeout=plan.timeout,

@@ -9,6 +9,7 @@ schedules, times and reports failures the same way.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from time import perf_counter_ns
 
@@ -147,17 +148,19 @@ def chunk_function(plan, space, errors: Errors):
         for r0, r1, c0, c1 in space.segments(lo, hi):
             count = (r1 - r0) * (c1 - c0)
             cols = [
-                [s] * count if g is None else g[r0:r1, c0:c1].reshape(-1).tolist()
+                itertools.repeat(s, count) if g is None else g[r0:r1, c0:c1].reshape(-1).tolist()
                 for g, s in zip(grids, scalars)
             ]
             res = []
-            for j, args in enumerate(zip(*cols)):
-                try:
-                    res.append(func(*args))
-                except Exception as exc:
-                    note(exc, f"raised by {plan.func_name} at element index "
-                               f"{index(plan, lo + j)}")
-                    raise
+            append = res.append
+            try:
+                for value in map(func, *cols):  # map: the cheapest per-element call
+                    append(value)
+            except Exception as exc:
+                # map stopped at the failing element: len(res) elements succeeded
+                note(exc, f"raised by {plan.func_name} at element index "
+                          f"{index(plan, lo + len(res))}")
+                raise
             store(res, r0, r1, c0, c1, lo)
             lo += count
 

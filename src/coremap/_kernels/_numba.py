@@ -133,6 +133,8 @@ def resolve(func, in_dtypes: tuple[np.dtype, ...]):
     with _lock:
         per_func = _signatures.setdefault(func, {})
         hit = per_func.get(in_dtypes)
+        if isinstance(hit, NotCompilable):
+            raise hit  # a failed compile is remembered too: it costs milliseconds
         if hit is not None:
             return hit
         try:
@@ -144,7 +146,9 @@ def resolve(func, in_dtypes: tuple[np.dtype, ...]):
             disp.compile(types)
         except Exception as exc:  # TypingError, UnsupportedError, LoweringError, ...
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise NotCompilable(f"{type(exc).__name__}: {first}") from exc
+            failure = NotCompilable(f"{type(exc).__name__}: {first}")
+            per_func[in_dtypes] = failure
+            raise failure from exc
         rtype = disp.overloads[types].signature.return_type
         if not isinstance(rtype, (numba.types.Number, numba.types.Boolean)):
             name = getattr(func, "__name__", repr(func))
