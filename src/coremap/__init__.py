@@ -10,6 +10,7 @@ from coremap._api import CoremapWarning, explain, parallel_map
 from coremap._config import config
 from coremap._errors import BackendUnavailableError, RemoteError, WorkerCrashedError
 from coremap._plan import Plan
+from coremap.pool import Pool
 from coremap.shared import SharedArray, SharedLock, cleanup_stale
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "BackendUnavailableError",
     "WorkerCrashedError",
     "RemoteError",
+    "Pool",
     "SharedArray",
     "SharedLock",
     "cleanup_stale",

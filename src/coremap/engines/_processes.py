@@ -72,6 +72,27 @@ class _RemoteTraceback(Exception):
         return self.tb
 
 
+def rebuild_error(reply) -> BaseException:
+    """The exception a worker reported: itself if it unpickles, else a RemoteError.
+
+    The worker's traceback is chained as ``__cause__``. ``SystemExit`` and
+    ``KeyboardInterrupt`` become RemoteError: a worker's exit must not stop
+    the calling process.
+    """
+    _, _, lo, hi, payload, type_name, message, tb, notes = reply
+    exc = None
+    if payload is not None and type_name not in ("builtins.SystemExit",
+                                                 "builtins.KeyboardInterrupt"):
+        try:
+            exc = pickle.loads(payload)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RemoteError(type_name, message, tb)
+    exc.__cause__ = _RemoteTraceback(tb)
+    return exc
+
+
 class _Process:
     """A worker process started with ``subprocess`` (the parts of ``Process`` used here).
 
@@ -438,19 +459,9 @@ class ProcessEngine:
         return f"chunk of elements {index(_P, lo)} to {index(_P, hi - 1)}"
 
     def _rebuild_error(self, reply, spec) -> BaseException:
-        _, _, lo, hi, payload, type_name, message, tb, notes = reply
-        exc = None
-        if payload is not None:
-            try:
-                exc = pickle.loads(payload)
-            except Exception:
-                exc = None
-        if exc is None:
-            exc = RemoteError(type_name, message, tb)
-        if type_name in ("builtins.SystemExit", "builtins.KeyboardInterrupt"):
-            # never let a worker's exit or interrupt stop the parent: report it
-            exc = RemoteError(type_name, message, tb)
-        exc.__cause__ = _RemoteTraceback(tb)
+        exc = rebuild_error(reply)
+        notes = reply[8]
+        lo, hi = reply[2], reply[3]
         if hasattr(exc, "add_note") and not any("raised by" in n for n in notes):
             exc.add_note(f"raised by {spec['func_name']} in a worker process, on the "
                          f"{self._chunk_text(lo, hi, spec)}")

@@ -79,6 +79,40 @@ def _report(exc: BaseException, call_id, lo, hi):
     return ("error", call_id, lo, hi, payload, name, str(exc), tb, notes)
 
 
+def _load(spec: dict, funcs: dict):
+    import cloudpickle
+
+    func = funcs.get(spec["func_key"])
+    if func is None:
+        func = cloudpickle.loads(spec["func"])
+        if len(funcs) > 64:
+            funcs.clear()
+        funcs[spec["func_key"]] = func
+    return func
+
+
+def run_task(spec: dict, funcs: dict):
+    """A Pool task: call the function on a batch of (args, kwds); results go back by
+    pickle, with large arrays moved to shared memory (see ``coremap.pool``)."""
+    import cloudpickle
+
+    from coremap import pool
+
+    func = _load(spec, funcs)
+    items = cloudpickle.loads(spec["args"])
+    results = []
+    for k, (args, kwds) in enumerate(items):
+        try:
+            results.append(func(*args, **kwds))
+        except BaseException as exc:
+            return _report(exc, spec["task"], k, k + 1)
+    try:
+        payload = pool.export_results(results)
+    except BaseException as exc:  # a result that cannot be pickled
+        return _report(pool.encoding_error(exc, results), spec["task"], -1, -1)
+    return ("result", spec["task"], payload)
+
+
 def probe(spec: dict):
     """Learn the result dtype on the first elements, here rather than in the parent."""
     import cloudpickle
@@ -176,6 +210,14 @@ def main(conn, parent_pid: int) -> None:
         try:
             if msg[0] == "probe":
                 reply = probe(spec)
+            elif msg[0] == "task":
+                reply = run_task(spec, funcs)
+            elif msg[0] == "init":
+                import cloudpickle
+
+                initializer, initargs = cloudpickle.loads(spec["func"])
+                initializer(*initargs)
+                continue
             else:
                 reply = run_call(spec, funcs, segments)
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent

@@ -1,0 +1,34 @@
+"""Every program in examples/ runs and prints what the tutorial shows."""
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+EXPECTED = {
+    "process_subclass.py": ["I'm the process with id: 0", "I'm the process with id: 1",
+                            "Written by the children: [0, 10]"],
+    "pool_map.py": ["Input: [0, 1, 2, 3, 4]", "Output: [0, 1, 4, 9, 16]"],
+    "pool_map_async.py": ["Output: [0, 1, 4, 9, 16]"],
+    "pool_apply_async.py": ["Output: [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]"],
+    "parallel_map.py": ["Output: [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]"],
+}
+
+
+def test_every_example_is_tested():
+    assert {p.name for p in EXAMPLES.glob("*.py")} == set(EXPECTED)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_runs(name):
+    res = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True,
+                         timeout=100, cwd=EXAMPLES)
+    assert res.returncode == 0, res.stderr
+    for line in EXPECTED[name]:
+        assert line in res.stdout
+    assert "Traceback" not in res.stderr
