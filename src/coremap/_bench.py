@@ -25,7 +25,7 @@ import numpy as np
 import coremap as cm
 from coremap import _config, _workloads
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "JIT")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "JIT", "POOL")
 
 
 @dataclasses.dataclass
@@ -280,6 +280,46 @@ def bench_w4(n: int, repeat: int, pool: bool = True) -> list[Row]:
     return rows
 
 
+def _double(a):
+    return a * 2.0
+
+
+def _square(x):
+    return x * x
+
+
+def bench_pool(repeat: int, arrays: int = 16, mb: int = 8) -> list[Row]:
+    """coremap.Pool against multiprocessing.Pool: big arrays both ways, and tiny items."""
+    import multiprocessing as mp
+
+    big = [_workloads.data(mb * 2**20 // 8 + i) for i in range(arrays)]
+    items = list(range(10**5))
+    mp_pool = mp.get_context("forkserver").Pool(_config.usable_cores())
+    cm_pool = cm.Pool(_config.usable_cores())
+    try:
+        t = time_interleaved({
+            "multiprocessing.Pool": lambda: mp_pool.map(_double, big),
+            "coremap.Pool": lambda: cm_pool.map(_double, big),
+        }, repeat)
+        rows = [Row(f"Pool {arrays}x{mb}MB", k, v, t["multiprocessing.Pool"] / v)
+                for k, v in t.items()]
+        rows[-1].target, rows[-1].met = ">= 2x multiprocessing.Pool", rows[-1].speedup >= 2
+        t = time_interleaved({
+            "multiprocessing.Pool": lambda: mp_pool.map(_square, items),
+            "coremap.Pool": lambda: cm_pool.map(_square, items),
+        }, repeat)
+        part = [Row("Pool 1e5 ints", k, v, t["multiprocessing.Pool"] / v) for k, v in t.items()]
+        part[-1].target = "within 1.3x of multiprocessing.Pool"
+        part[-1].met = part[-1].seconds <= 1.3 * t["multiprocessing.Pool"]
+        rows += part
+    finally:
+        mp_pool.terminate()
+        mp_pool.join()
+        cm_pool.terminate()
+        cm_pool.join()
+    return rows
+
+
 def bench_w5(repeat: int) -> list[Row]:
     import timeit
 
@@ -402,6 +442,7 @@ def run(workloads=WORKLOADS, quick: bool = False, file=None) -> list[Row]:
         "W5": lambda: bench_w5(repeat),
         "W6": lambda: bench_w6(big if not quick else 10**6, repeat),
         "JIT": lambda: bench_jit(repeat),
+        "POOL": lambda: bench_pool(repeat, arrays=16 if not quick else 4),
     }
     for w in workloads:
         part = steps[w]()

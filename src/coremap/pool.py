@@ -55,75 +55,73 @@ TimeoutError = _MPTimeoutError  # what AsyncResult.get raises, as in multiproces
 
 
 # -- arrays through shared memory --------------------------------------------------------
+#
+# Pickle protocol 5 hands every contiguous array buffer to ``buffer_callback``;
+# the large ones are kept out of band and copied into one segment, the receiver
+# passes views of that segment as ``buffers=`` to ``pickle.loads``, and NumPy
+# rebuilds the arrays on them: zero copy on the receiving side, no Python walk
+# over the arguments, arrays found at any depth (inside user objects too).
 
-class _SharedResult:
-    """A result array left in a segment by a worker; the parent adopts it on unpickle."""
-
-    def __init__(self, name, shape, dtype, strides, offset):
-        self.name, self.shape, self.dtype = name, shape, dtype
-        self.strides, self.offset = strides, offset
-
-    def __reduce__(self):
-        return _adopt, (self.name, self.shape, self.dtype, self.strides, self.offset)
+_ALIGN = 64
 
 
-def _adopt(name, shape, dtype, strides, offset):
-    """Map a worker's result segment, unlink its name, return a plain array on it."""
-    seg = _shm.Segment.attach(name)
-    arr = np.ndarray(shape, dtype, buffer=seg.mmap, offset=offset, strides=strides)
+def dumps_shared(obj, fallback_cloudpickle: bool = True):
+    """``(data, segment_info, segment)``: ``obj`` pickled, large buffers in a segment."""
+    big = []
+
+    def take(pb):
+        raw = pb.raw()
+        if raw.nbytes >= SHARE_BYTES:
+            big.append(raw)
+            return False  # out of band: it goes through shared memory
+        return True
+
     try:
-        _shm._posixshmem.shm_unlink("/" + name)  # the mapping keeps the memory alive
-    except FileNotFoundError:
-        pass
-    return arr
+        data = pickle.dumps(obj, protocol=5, buffer_callback=take)
+    except Exception:
+        if not fallback_cloudpickle:
+            raise
+        import cloudpickle  # lambdas and closures among the arguments
+
+        big.clear()
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=take)
+    if not big:
+        return data, None, None
+    offsets, total = [], 0
+    for raw in big:
+        offsets.append((total, raw.nbytes))
+        total += -(-raw.nbytes // _ALIGN) * _ALIGN
+    seg = _shm.Segment.create(total)
+    view = memoryview(seg.mmap)
+    for raw, (off, n) in zip(big, offsets):
+        view[_shm.HEADER + off:_shm.HEADER + off + n] = raw.cast("B")
+    del view
+    return data, (seg.name, offsets), seg
 
 
-def _walk(obj, fn, depth=0):
-    """Apply ``fn`` to arrays inside ``obj`` (tuples, lists, dict values; 3 levels)."""
-    if isinstance(obj, np.ndarray):
-        return fn(obj)
-    if depth >= 3:
-        return obj
-    if type(obj) in (tuple, list):
-        return type(obj)(_walk(o, fn, depth + 1) for o in obj)
-    if type(obj) is dict:
-        return {k: _walk(v, fn, depth + 1) for k, v in obj.items()}
-    return obj
+def loads_shared(data, info, unlink: bool = False):
+    """Inverse of ``dumps_shared``; ``unlink`` removes the segment's name once mapped."""
+    if info is None:
+        return pickle.loads(data)
+    name, offsets = info
+    seg = _shm.Segment.attach(name)
+    if unlink:
+        try:
+            _shm._posixshmem.shm_unlink("/" + name)  # the mapping keeps the memory
+        except FileNotFoundError:
+            pass
+    view = memoryview(seg.mmap)
+    buffers = [view[_shm.HEADER + off:_shm.HEADER + off + n] for off, n in offsets]
+    return pickle.loads(data, buffers=buffers)
 
 
-def _big(a: np.ndarray) -> bool:
-    from coremap.shared import SharedArray
-
-    return (a.nbytes >= SHARE_BYTES and not a.dtype.hasobject
-            and not (isinstance(a, SharedArray) and a.name is not None))
-
-
-def share_arguments(obj, keep: list):
-    """Copy large arrays in ``obj`` into SharedArrays (kept alive in ``keep``)."""
-    from coremap.shared import SharedArray
-
-    def move(a):
-        if not _big(a):
-            return a
-        s = SharedArray.from_array(a)
-        keep.append(s)
-        return s
-
-    return _walk(obj, move)
-
-
-def export_results(results) -> bytes:
-    """Pickle a worker's results, large arrays moved into segments the parent adopts."""
-    def move(a):
-        if not _big(a):
-            return a
-        seg = _shm.Segment.create(a.nbytes)
-        view = np.ndarray(a.shape, a.dtype, buffer=seg.mmap, offset=_shm.HEADER)
-        np.copyto(view, a)
+def export_results(results):
+    """A worker's reply payload: results pickled, large arrays left in a segment that
+    the parent adopts (maps, then unlinks)."""
+    data, info, seg = dumps_shared(results, fallback_cloudpickle=False)
+    if seg is not None:
         seg._finalizer.detach()  # the parent unlinks it once mapped
-        return _SharedResult(seg.name, a.shape, a.dtype, view.strides, _shm.HEADER)
-
-    return pickle.dumps(_walk(results, move), protocol=pickle.HIGHEST_PROTOCOL)
+    return data, info
 
 
 def encoding_error(exc, results):
@@ -347,7 +345,7 @@ class Pool:
             raise ValueError("Pool not running")
 
     # -- submitting ----------------------------------------------------------------------
-    def _submit(self, func, batches, result) -> None:
+    def _submit(self, func, batches, result, mode: str = "map") -> None:
         """Pickle every batch now (so bad arguments raise here), then queue them."""
         import cloudpickle
 
@@ -358,15 +356,14 @@ class Pool:
         key = hashlib.blake2b(func_bytes, digest_size=16).hexdigest()
         tasks = []
         for index, batch in batches:
-            keep: list = []
-            batch = share_arguments(batch, keep)
             try:
-                data = cloudpickle.dumps(batch)
+                data, info, seg = dumps_shared(batch)
             except Exception as exc:
                 raise TypeError(f"cannot send the arguments of task {index} to the pool's "
                                 f"workers: {exc}") from exc
-            tasks.append(({"func": func_bytes, "func_key": key, "args": data},
-                          result, index, keep))
+            keep = [seg] if seg is not None else []
+            tasks.append(({"func": func_bytes, "func_key": key, "args": data,
+                           "shared": info, "mode": mode}, result, index, keep))
         with self._lock:
             self._check_running()
             self._jobs[id(result)] = result
@@ -376,7 +373,7 @@ class Pool:
     def apply_async(self, func, args=(), kwds=None, callback=None, error_callback=None):
         self._check_running()
         result = AsyncResult(self, callback, error_callback)
-        self._submit(func, [(0, [(tuple(args), dict(kwds or {}))])], result)
+        self._submit(func, [(0, [(tuple(args), dict(kwds or {}))])], result, mode="apply")
         return result
 
     def apply(self, func, args=(), kwds=None):
@@ -392,9 +389,8 @@ class Pool:
             return [], 0
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize}")
-        calls = [(tuple(a), {}) if star else ((a,), {}) for a in items]
-        batches = [(i, calls[k:k + chunksize])
-                   for i, k in enumerate(range(0, len(calls), chunksize))]
+        batches = [(i, items[k:k + chunksize])
+                   for i, k in enumerate(range(0, len(items), chunksize))]
         return batches, len(batches)
 
     def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
@@ -411,7 +407,7 @@ class Pool:
         batches, n = self._batches(iterable, chunksize, star)
         result = MapResult(self, n, len(iterable), callback, error_callback)
         if n:
-            self._submit(func, batches, result)
+            self._submit(func, batches, result, mode="star" if star else "map")
         return result
 
     def map(self, func, iterable, chunksize=None):
@@ -558,7 +554,7 @@ class Pool:
         _, result, index, keep = task
         if reply[0] == "result":
             try:
-                values = pickle.loads(reply[2])
+                values = loads_shared(*reply[2], unlink=True)
             except Exception as exc:
                 result._set(index, False, MaybeEncodingError(exc, "<result>"))
             else:
@@ -569,7 +565,9 @@ class Pool:
             result._set(index, False, rebuild_error(reply))
             if reply[5] in ("builtins.SystemExit", "builtins.KeyboardInterrupt"):
                 retire = True
-        keep.clear()  # argument segments: no longer needed
+        for seg in keep:  # argument segments: the worker is done with them
+            seg.unlink()
+        keep.clear()
         if retire:
             self._replace(w, graceful=True)
 

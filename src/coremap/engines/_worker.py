@@ -11,6 +11,7 @@ worker run serially (``COREMAP_WORKERS=1``): no fork bomb.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import signal
@@ -94,18 +95,25 @@ def _load(spec: dict, funcs: dict):
 def run_task(spec: dict, funcs: dict):
     """A Pool task: call the function on a batch of (args, kwds); results go back by
     pickle, with large arrays moved to shared memory (see ``coremap.pool``)."""
-    import cloudpickle
-
     from coremap import pool
 
     func = _load(spec, funcs)
-    items = cloudpickle.loads(spec["args"])
+    items = pool.loads_shared(spec["args"], spec["shared"])
+    mode = spec["mode"]
+    if mode == "map":
+        calls = map(func, items)
+    elif mode == "star":
+        calls = itertools.starmap(func, items)
+    else:
+        calls = (func(*args, **kwds) for args, kwds in items)
     results = []
-    for k, (args, kwds) in enumerate(items):
-        try:
-            results.append(func(*args, **kwds))
-        except BaseException as exc:
-            return _report(exc, spec["task"], k, k + 1)
+    append = results.append
+    try:
+        for value in calls:
+            append(value)
+    except BaseException as exc:  # the item that failed is the next one
+        k = len(results)
+        return _report(exc, spec["task"], k, k + 1)
     try:
         payload = pool.export_results(results)
     except BaseException as exc:  # a result that cannot be pickled
