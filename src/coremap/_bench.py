@@ -43,15 +43,26 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# Pause before each timing: OpenMP threads (Numba's omp layer) spin for a few
+# milliseconds after a parallel region and slow whatever runs next on a 2-core
+# machine (measured: W1 into out= 9.6 ms right after prange, 7.0 ms 10 ms later).
+GAP = 0.02
+
+
 def time_interleaved(contenders: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median seconds per contender, each warmed once, timed in rotating order."""
+    """Median seconds per contender, each warmed once, timed in a shuffled order."""
+    import random
+
     for fn in contenders.values():
         fn()
     names = list(contenders)
     samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeat):
-        order = names[r % len(names):] + names[: r % len(names)]
+    rng = random.Random(0)
+    for _ in range(repeat):
+        order = names[:]
+        rng.shuffle(order)  # nobody always runs right after the same neighbour
         for name in order:
+            time.sleep(GAP)
             t = time.perf_counter()
             contenders[name]()
             samples[name].append(time.perf_counter() - t)
@@ -360,8 +371,8 @@ def bench_w6(n: int, repeat: int) -> list[Row]:
         "two broadcast inputs": (base[: side].reshape(side, 1), base[side: 2 * side].reshape(1, side)),
     }
 
-    def two(a, b):
-        return _workloads.w2(a) + b
+    def two(a, b):  # W2 of a, plus b: compiled as one kernel
+        return np.sin(a) * np.exp(-a * a) + np.sqrt(a) + b
 
     contenders = {}
     for name, arrays in variants.items():
@@ -369,14 +380,16 @@ def bench_w6(n: int, repeat: int) -> list[Row]:
         arg = arrays if len(arrays) == 2 else arrays[0]
         contenders[name] = (lambda a=arg, f=func: cm.parallel_map(a, f))
     t = time_interleaved(contenders, repeat)
-    sizes = {k: int(np.prod(np.broadcast_shapes(*(a.shape for a in v)))) for k, v in variants.items()}
-    ref = t["contiguous float64"] / sizes["contiguous float64"]
+    # per byte of output, as BENCHMARKS.md states the target
+    nbytes = {k: int(np.prod(np.broadcast_shapes(*(a.shape for a in v)))) * v[0].itemsize
+              for k, v in variants.items()}
+    ref = t["contiguous float64"] / nbytes["contiguous float64"]
     rows = []
     for k, v in t.items():
-        per = v / sizes[k]
-        r = Row(f"W6 {n:.0e}", k, v, ref / per, target="within 1.3x of contiguous per element")
+        per = v / nbytes[k]
+        r = Row(f"W6 {n:.0e}", k, v, ref / per, target="within 1.3x of contiguous per byte")
         r.met = per <= 1.3 * ref
-        r.note = f"{per / ref:.2f}x contiguous time per element"
+        r.note = f"{per / ref:.2f}x contiguous time per byte"
         rows.append(r)
     return rows
 
@@ -468,3 +481,40 @@ def to_json(rows: list[Row], path: str) -> None:
     with open(path, "w") as f:
         json.dump({"machine": machine(), "pid": os.getpid(),
                    "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """A bar chart of speed-ups (log scale), one panel per workload."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'coremap[bench]'") from exc
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.speedup is not None:
+            groups.setdefault(r.workload, []).append(r)
+    n = len(groups)
+    cols = min(3, n)
+    nrows = -(-n // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax, (name, part) in zip(axes.flat, groups.items()):
+        labels = [r.contender for r in part]
+        values = [r.speedup for r in part]
+        colors = ["#d95f02" if lab.startswith("coremap") else "#7570b3" for lab in labels]
+        ax.barh(range(len(part)), values, color=colors)
+        ax.set_yticks(range(len(part)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"speed-up over each workload's baseline (higher is better)\n{machine()}",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -31,6 +31,9 @@ def _bench(args) -> int:
     rows = _bench.run(workloads, quick=args.quick)
     if args.json:
         _bench.to_json(rows, args.json)
+    if args.plot:
+        _bench.plot(rows, args.plot)
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     p.add_argument("--workload", action="append", help="W1..W6 or JIT (repeatable)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the table as a bar chart")
     p.set_defaults(run=_bench)
     p = sub.add_parser("info", help="cores, engines, Numba, shared memory, optional backends")
     p.set_defaults(run=_info)

@@ -46,6 +46,8 @@ PROBE = 256
 TARGET_CHUNK_NS = 20_000_000
 ESCALATE_NS = 100_000
 FIRST_CHUNK = 1_024
+# A guided chunk is worth at least this much work once timed (see _runner.pyx).
+FLOOR_CHUNK_NS = 50_000
 # A plain Python function may take milliseconds per element: start smaller.
 FIRST_CHUNK_PYTHON = 64
 
@@ -62,7 +64,7 @@ def new_job(plan):
         plan.size, plan.workers, plan.schedule, plan.chunk, plan.max_chunk,
         target_ns=TARGET_CHUNK_NS if timed else 0,
         first_chunk=_first_chunk(plan) if timed else 0,
-        escalate_ns=ESCALATE_NS,
+        escalate_ns=ESCALATE_NS, floor_ns=FLOOR_CHUNK_NS if timed else 0,
     )
 
 
@@ -298,7 +300,7 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
         timed = plan.schedule != "static"
         job_params = (plan.size, plan.workers, plan.schedule, plan.chunk, plan.max_chunk,
                       TARGET_CHUNK_NS if timed else 0,
-                      _first_chunk(plan) if timed else 0)
+                      _first_chunk(plan) if timed else 0, FLOOR_CHUNK_NS if timed else 0)
         on_progress, bar = _progress_bar(plan, progress)
         try:
             engine.run(spec, procs, job_params, timeout=plan.timeout,

@@ -13,6 +13,7 @@ class Job:
     max_chunk: int  # int64_t
     target_ns: int  # int64_t
     escalate_ns: int  # int64_t
+    floor_ns: int  # int64_t
     event: Event | None
     on_escalate: Callable[[], None] | None
     def __init__(
@@ -28,6 +29,7 @@ class Job:
         state: int = ...,  # JobState* in shared memory, or 0 for the Job's own
         init: bool = ...,
         state_owner: object = ...,
+        floor_ns: int = ...,
     ) -> None: ...
     def set_slot(self, address: int) -> None: ...  # int64_t[2]
     def arm_escalation(self, callback: Callable[[], None] | None) -> None: ...

@@ -64,6 +64,7 @@ cdef struct JobState:
     int64_t err_hi
     int64_t cap
     int64_t escalate_pending
+    int64_t floor                        # smallest guided chunk, from the measured cost
     double ns_per_element
 
 
@@ -80,6 +81,7 @@ cdef class Job:
     cdef readonly int64_t max_chunk      # cap, so a chunk never runs for long
     cdef readonly int64_t target_ns      # aimed duration of one chunk (0: no timing cap)
     cdef readonly int64_t escalate_ns    # wake helpers once this much work remains
+    cdef readonly int64_t floor_ns       # a guided chunk is worth at least this much work
     cdef public object on_escalate       # called once, in the caller, to wake helpers
     cdef JobState _own                   # the state, unless it lives in shared memory
     cdef JobState *st
@@ -94,7 +96,7 @@ cdef class Job:
     def __cinit__(self, int64_t n, int64_t workers, str schedule="guided",
                   int64_t chunk=1, int64_t max_chunk=1 << 62, int64_t target_ns=0,
                   int64_t first_chunk=0, int64_t escalate_ns=0, intptr_t state=0,
-                  bint init=True, object state_owner=None):
+                  bint init=True, object state_owner=None, int64_t floor_ns=0):
         if n < 0 or workers < 1 or chunk < 1 or max_chunk < 1 or target_ns < 0:
             raise ValueError("invalid Job parameters")
         self.n = n
@@ -104,6 +106,7 @@ cdef class Job:
         self.max_chunk = max_chunk
         self.target_ns = target_ns
         self.escalate_ns = escalate_ns
+        self.floor_ns = floor_ns
         self.on_escalate = None
         self.slot = NULL
         self._state_owner = state_owner  # keeps a shared mapping alive
@@ -114,6 +117,7 @@ cdef class Job:
                            else max_chunk)
             self.st.ns_per_element = 0.0
             self.st.escalate_pending = 0
+            self.st.floor = chunk
             self.st.next = 0
             self.st.done = 0
             self.st.active = 0
@@ -154,8 +158,8 @@ cdef class Job:
                 return False
             if self.schedule == 2:
                 size = (rem + 2 * self.workers - 1) // (2 * self.workers)
-                if size < self.chunk:
-                    size = self.chunk
+                if size < self.st.floor:
+                    size = self.st.floor
             else:
                 size = self.chunk
             if size > self.st.cap:
@@ -183,6 +187,17 @@ cdef class Job:
             if cap > self.max_chunk:
                 cap = self.max_chunk
             cm_store(&self.st.cap, cap)
+            if self.floor_ns > 0 and per > 0:
+                # The guided tail shrinks no further than floor_ns of work: short
+                # enough to balance uneven work, long enough to keep a memory-bound
+                # kernel streaming (benchmarks: W1 into out= lost ~25% to 1,024-element
+                # tail chunks; W3 sorted needs a fine tail).
+                cap = <int64_t>(self.floor_ns / per)
+                if cap < self.chunk:
+                    cap = self.chunk
+                if cap > self.max_chunk:
+                    cap = self.max_chunk
+                cm_store(&self.st.floor, cap)
         if cm_load(&self.st.escalate_pending):
             if (self.n - cm_load(&self.st.next)) * per > self.escalate_ns:
                 cm_store(&self.st.escalate_pending, 0)

@@ -303,7 +303,7 @@ class ProcessEngine:
         with self._lock:
             ctrl = self.pool.take(CTRL_SLOTS + 16 * len(procs))
             job = _runner.Job(*job_params[:5], target_ns=job_params[5],
-                              first_chunk=job_params[6],
+                              first_chunk=job_params[6], floor_ns=job_params[7],
                               state=ctrl.address + CTRL_STATE, init=True, state_owner=ctrl)
             slots = [ctrl.address + CTRL_SLOTS + 16 * w.index for w in procs]
             import numpy as np

@@ -158,9 +158,9 @@ def run_call(spec: dict, funcs: dict, segments: dict):
         if name not in spec["keep"] and name not in used:
             segments.pop(name).close()  # unmapped once no array of ours uses it
     space = _layout.build_space(views)
-    n, workers, schedule, chunk, max_chunk, target_ns, first_chunk = spec["job"]
+    n, workers, schedule, chunk, max_chunk, target_ns, first_chunk, floor_ns = spec["job"]
     job = _runner.Job(n, workers, schedule, chunk, max_chunk, target_ns=target_ns,
-                      first_chunk=first_chunk, state=ctrl.address + state_offset, init=False,
+                      first_chunk=first_chunk, floor_ns=floor_ns, state=ctrl.address + state_offset, init=False,
                       state_owner=ctrl)
     job.set_slot(ctrl.address + slot_offset)
     errors = _tasks.Errors()
