@@ -128,7 +128,9 @@ def test_affine_int_input_promotes_like_numpy():
 # -- shapes -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("shape", [(0,), (0, 3), (), (1,), (1, 1), (3,), (7,), (997,), (5, 0, 2), (13, 17)])
+@pytest.mark.parametrize(
+    "shape", [(0,), (0, 3), (), (1,), (1, 1), (3,), (7,), (997,), (5, 0, 2), (13, 17)]
+)
 def test_shapes(shape, engine):
     x = make("float64", shape)
     got = cm.parallel_map(x, poly, backend=engine, workers=8)

@@ -1,4 +1,4 @@
-"""coremap.Pool against multiprocessing.Pool: one suite, run on both; then what only coremap does."""
+"""coremap.Pool against multiprocessing.Pool: one suite run on both, then coremap's extras."""
 from __future__ import annotations
 
 import multiprocessing

@@ -97,14 +97,14 @@ def test_mode_0600_even_with_umask_000():
 
 
 def test_precreated_name_is_never_attached(monkeypatch):
-    planted = "coremap_%d_%s" % (os.getpid(), "0" * 16)
+    planted = f"coremap_{os.getpid()}_{'0' * 16}"
     fd = os.open(f"/dev/shm/{planted}", os.O_CREAT | os.O_RDWR, 0o644)
     os.close(fd)
     tokens = iter(["0" * 16, "1" * 16])
     monkeypatch.setattr(_shm.secrets, "token_hex", lambda n: next(tokens))
     try:
         a = cm.SharedArray.zeros(10)
-        assert a.name == "coremap_%d_%s" % (os.getpid(), "1" * 16)
+        assert a.name == f"coremap_{os.getpid()}_{'1' * 16}"
         assert os.path.getsize(f"/dev/shm/{planted}") == 0  # untouched
         a.unlink()
     finally:

@@ -207,16 +207,17 @@ def bench_w3(n: int, repeat: int, pool: bool = True) -> list[Row]:
         x = _workloads.data(n, sort=sort)
         vec_par, prange_fresh, _, serial = _numba_peers(_workloads.w3, np.int64)
         o = np.empty(n, np.int64)
-        contenders = {
-            "numba 1 thread": lambda: serial(x, o),
-            "numba vectorize parallel": lambda: vec_par(x),
-            "numba prange": lambda: prange_fresh(x),
+        contenders = {  # called within this iteration only: x, o, ... are this sort's
+            "numba 1 thread": lambda: serial(x, o),  # noqa: B023
+            "numba vectorize parallel": lambda: vec_par(x),  # noqa: B023
+            "numba prange": lambda: prange_fresh(x),  # noqa: B023
         }
         mp_pool = None
         if pool:
             contenders["mp.Pool.map, 64 chunks"], mp_pool = _pool_map_chunks("w3", x, 64)
-        contenders["coremap"] = lambda: cm.parallel_map(x, _workloads.w3)
-        contenders["coremap workers=1"] = lambda: cm.parallel_map(x, _workloads.w3, workers=1)
+        contenders["coremap"] = lambda: cm.parallel_map(x, _workloads.w3)  # noqa: B023
+        contenders["coremap workers=1"] = (
+            lambda: cm.parallel_map(x, _workloads.w3, workers=1))  # noqa: B023
         try:
             t = time_interleaved(contenders, repeat)
         finally:
@@ -227,7 +228,8 @@ def bench_w3(n: int, repeat: int, pool: bool = True) -> list[Row]:
         name = f"W3 {'sorted' if sort else 'random'} {n:.0e}"
         part = [Row(name, k, v, base / v) for k, v in t.items()]
         numba_par = min(t["numba vectorize parallel"], t["numba prange"])
-        best_peer = min(v for k, v in t.items() if not k.startswith("coremap") and "1 thread" not in k)
+        best_peer = min(v for k, v in t.items()
+                        if not k.startswith("coremap") and "1 thread" not in k)
         for r in part:
             if r.contender != "coremap":
                 continue
@@ -368,7 +370,8 @@ def bench_w6(n: int, repeat: int) -> list[Row]:
         "float32": (base.astype(np.float32),),
         "Fortran 2-D": (np.asfortranarray(base[: side * side].reshape(side, side)),),
         "strided view": (_workloads.data(2 * n)[::2],),
-        "two broadcast inputs": (base[: side].reshape(side, 1), base[side: 2 * side].reshape(1, side)),
+        "two broadcast inputs": (base[:side].reshape(side, 1),
+                                 base[side:2 * side].reshape(1, side)),
     }
 
     def two(a, b):  # W2 of a, plus b: compiled as one kernel
@@ -417,10 +420,17 @@ def bench_jit(repeat: int) -> list[Row]:
     addr = _numba.kernel_address(_workloads.w2, (small.dtype,), small.dtype, "cc")
     ptrs = [small.ctypes.data, out.ctypes.data]
     meta = [small.size, 0, 0, 1, 0, 0, 1]
-    t = time_interleaved({
-        "kernel alone": lambda: _runner.run_inline(addr, ptrs, meta, 0, small.size),
-        "coremap warm call": lambda: cm.parallel_map(small, _workloads.w2),
-    }, max(repeat, 5) * 200)
+    import timeit
+
+    # microsecond calls: best of several timeit runs, back to back (no pause:
+    # time_interleaved's pause would measure a cold CPU instead)
+    t = {}
+    for _ in range(max(repeat, 5)):
+        for name, fn in (("kernel alone", lambda: _runner.run_inline(addr, ptrs, meta, 0,
+                                                                      small.size)),
+                         ("coremap warm call", lambda: cm.parallel_map(small, _workloads.w2))):
+            best = min(timeit.repeat(fn, number=200, repeat=3)) / 200
+            t[name] = min(t.get(name, best), best)
     over = t["coremap warm call"] - t["kernel alone"]
     rows.append(Row("JIT", "warm call overhead over the kernel (1e3 elements)", over,
                     target="<= 20 us", met=over <= 20e-6, note=f"{over * 1e6:.1f} us"))

@@ -25,15 +25,17 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def check_workers(workers: object, name: str = "workers") -> int:
-    """Return ``workers`` as a positive int, or raise a message that says why not."""
-    if isinstance(workers, bool) or not isinstance(workers, int):
+def check_positive_int(value: object, name: str = "workers") -> int:
+    """Return ``value`` as a positive int, or raise a message that says why not."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(
-            f"{name} must be a positive int or None, got {type(workers).__name__} {workers!r}"
+            f"{name} must be a positive int or None, got {type(value).__name__} {value!r}"
         )
-    if workers < 1:
-        raise ValueError(f"{name} must be >= 1, got {workers}")
-    return workers
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
 
 
 def check_backend(backend: object) -> object:
@@ -64,7 +66,7 @@ def _from_env(key: str) -> object | None:
             raise ValueError(
                 f"COREMAP_WORKERS must be a positive integer, got {raw!r}"
             ) from None
-        return check_workers(value, "COREMAP_WORKERS")
+        return check_positive_int(value, "COREMAP_WORKERS")
     if key == "backend":
         if raw not in BACKENDS:
             raise ValueError(f"COREMAP_BACKEND must be one of {BACKENDS}, got {raw!r}")
@@ -137,7 +139,7 @@ def config(*, workers: int | None = None, backend: object = None) -> Iterator[No
     """
     frame: dict[str, object] = {}
     if workers is not None:
-        frame["workers"] = check_workers(workers)
+        frame["workers"] = check_positive_int(workers)
     if backend is not None:
         frame["backend"] = check_backend(backend)
     stack = _stack()

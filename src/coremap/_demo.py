@@ -36,7 +36,8 @@ def run(n_w2: int = 20_000_000, n_w3: int = 1_000_000, repeat: int = 3, file=Non
         ("W2  sin(x)*exp(-x*x)+sqrt(x)", n_w2, False, _workloads.w2, _workloads.w2_numpy),
         ("W3  Mandelbrot, sorted x", n_w3, True, _workloads.w3, _workloads.w3_numpy),
     ]
-    header = f"{'workload':32} {'n':>11} {'numpy':>9} {'1st call':>9} {'coremap':>9} {'speed-up':>9}  check"
+    header = (f"{'workload':32} {'n':>11} {'numpy':>9} {'1st call':>9} {'coremap':>9} "
+              f"{'speed-up':>9}  check")
     print(header, file=file)
     print("-" * len(header), file=file)
     for name, n, sort, scalar, reference in cases:
@@ -45,11 +46,11 @@ def run(n_w2: int = 20_000_000, n_w3: int = 1_000_000, repeat: int = 3, file=Non
         expected = reference(x)  # also faults in NumPy's temporaries once
         t_numpy = time.perf_counter() - t0
         if t_numpy < 1.0:  # steady state; a slow reference is timed once, to stay quick
-            t_numpy = _median_time(lambda: reference(x), repeat)
+            t_numpy = _median_time(lambda: reference(x), repeat)  # noqa: B023
         t0 = time.perf_counter()
         got = cm.parallel_map(x, scalar)  # includes the JIT compile
         t_first = time.perf_counter() - t0
-        t_cm = _median_time(lambda: cm.parallel_map(x, scalar), repeat)
+        t_cm = _median_time(lambda: cm.parallel_map(x, scalar), repeat)  # noqa: B023
         if expected.dtype.kind == "f":
             ok = bool(np.allclose(got, expected, rtol=1e-12, atol=0))
             check = "ok (allclose, rtol 1e-12)" if ok else "MISMATCH"

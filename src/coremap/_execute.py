@@ -14,9 +14,9 @@ with its own type.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 import sys
 import time
+import weakref
 
 import numpy as np
 
@@ -184,7 +184,8 @@ def _raise_errors(plan, errors, job, space, native) -> None:
             raise_native_failure(plan, space, *failed)
         raise RuntimeError("a chunk failed without an error being recorded (internal error)")
     if job.done != plan.size:
-        raise RuntimeError(f"only {job.done} of {plan.size} elements were computed (internal error)")
+        raise RuntimeError(
+            f"only {job.done} of {plan.size} elements were computed (internal error)")
 
 
 # -- the process engine ---------------------------------------------------------------

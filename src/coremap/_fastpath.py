@@ -17,9 +17,9 @@ import numpy as np
 
 from coremap import _config
 from coremap._execute import ESCALATE_NS, new_job
-from coremap._tasks import native_task
 from coremap._kernels import _runner
 from coremap._kernels._numba import kernel_scope
+from coremap._tasks import native_task
 from coremap.engines import get_engine
 from coremap.kernels import Affine
 

@@ -109,14 +109,6 @@ def _func_name(func: object) -> str:
     return name if isinstance(name, str) else repr(func)
 
 
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
 def _check_out(out: object, shape: tuple[int, ...]) -> np.ndarray:
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
@@ -136,7 +128,8 @@ def _ufunc_result_dtype(ufunc: np.ufunc, inputs: list[Input]) -> np.dtype:
         res = ufunc(*probes)
     except TypeError as exc:
         dtypes = ", ".join(str(i.dtype) for i in inputs)
-        raise TypeError(f"{ufunc.__name__} does not support inputs of dtype ({dtypes}): {exc}") from None
+        raise TypeError(
+            f"{ufunc.__name__} does not support inputs of dtype ({dtypes}): {exc}") from None
     return np.asarray(res).dtype
 
 
@@ -190,9 +183,9 @@ def make_plan(
     backend = _config.default_backend() if backend is None else _config.check_backend(backend)
     if workers is None:
         workers = _config.default_workers()
-    workers = _check_positive_int(workers, "workers")
+    workers = _config.check_positive_int(workers, "workers")
     if chunk_size is not None:
-        chunk_size = _check_positive_int(chunk_size, "chunk_size")
+        chunk_size = _config.check_positive_int(chunk_size, "chunk_size")
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
             raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
@@ -220,7 +213,8 @@ def make_plan(
         backend = "serial"  # nested inside a worker: bounded, never a pool of pools
 
     kind, result, why_kind, numba_error = _resolve_kind(func, inputs, vectorized)
-    if result is not None and requested is not None and not np.can_cast(result, requested, "same_kind"):
+    if (result is not None and requested is not None
+            and not np.can_cast(result, requested, "same_kind")):
         who = "out" if out is not None else "dtype"
         raise TypeError(
             f"cannot store the {result} results of {_func_name(func)} into {who} of dtype "

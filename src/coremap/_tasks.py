@@ -60,7 +60,9 @@ def note(exc: BaseException, text: str) -> None:
 
 
 def index(plan, i: int) -> tuple[int, ...]:
-    return tuple(int(v) for v in np.unravel_index(i, plan.shape, order=plan.order)) if plan.shape else ()
+    if not plan.shape:
+        return ()
+    return tuple(int(v) for v in np.unravel_index(i, plan.shape, order=plan.order))
 
 
 class Errors:
@@ -139,7 +141,8 @@ def chunk_function(plan, space, errors: Errors):
 
         def run(lo, hi):
             for r0, r1, c0, c1 in space.segments(lo, hi):
-                args = [s if g is None else g[r0:r1, c0:c1].reshape(-1) for g, s in zip(grids, scalars)]
+                args = [s if g is None else g[r0:r1, c0:c1].reshape(-1)
+                        for g, s in zip(grids, scalars)]
                 store(func(*args), r0, r1, c0, c1, lo)
 
         return run

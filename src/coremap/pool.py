@@ -38,10 +38,9 @@ from multiprocessing import TimeoutError as _MPTimeoutError
 from multiprocessing.connection import wait
 from multiprocessing.pool import MaybeEncodingError
 
-import numpy as np
-
 from coremap import _config, _shm
 from coremap._errors import WorkerCrashedError
+from coremap.engines._worker import EXITS
 
 __all__ = ["Pool", "AsyncResult", "SHARE_BYTES"]
 
@@ -563,7 +562,7 @@ class Pool:
             from coremap.engines._processes import rebuild_error
 
             result._set(index, False, rebuild_error(reply))
-            if reply[5] in ("builtins.SystemExit", "builtins.KeyboardInterrupt"):
+            if reply[5] in EXITS:
                 retire = True
         for seg in keep:  # argument segments: the worker is done with them
             seg.unlink()

@@ -41,6 +41,7 @@ from multiprocessing.connection import wait
 from coremap import _shm
 from coremap._errors import RemoteError, WorkerCrashedError
 from coremap._kernels import _runner
+from coremap.engines._worker import EXITS
 
 CTRL_STATE = 0
 CTRL_SLOTS = 128  # slots start here: 16 bytes (lo, hi) per worker
@@ -81,8 +82,7 @@ def rebuild_error(reply) -> BaseException:
     """
     _, _, lo, hi, payload, type_name, message, tb, notes = reply
     exc = None
-    if payload is not None and type_name not in ("builtins.SystemExit",
-                                                 "builtins.KeyboardInterrupt"):
+    if payload is not None and type_name not in EXITS:
         try:
             exc = pickle.loads(payload)
         except Exception:
@@ -439,8 +439,7 @@ class ProcessEngine:
     @staticmethod
     def _retire_if_exiting(w, reply) -> None:
         """A worker that reported SystemExit/KeyboardInterrupt exits: reap it now."""
-        if reply[0] == "error" and reply[5] in ("builtins.SystemExit",
-                                                "builtins.KeyboardInterrupt"):
+        if reply[0] == "error" and reply[5] in EXITS:
             w.process.join(2)
             if w.process.is_alive():
                 w.process.kill()

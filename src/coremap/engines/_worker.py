@@ -6,8 +6,8 @@
 
 A worker ignores SIGINT (the parent owns Ctrl-C and cancels through the shared
 job state), limits BLAS/OpenMP pools to one thread, and exits when its parent
-goes away (a watchdog thread), so killing the parent leaves no worker behind. Nested ``parallel_map`` calls inside a
-worker run serially (``COREMAP_WORKERS=1``): no fork bomb.
+goes away (a watchdog thread), so killing the parent leaves no worker behind.
+Nested ``parallel_map`` calls inside a worker run serially (``COREMAP_WORKERS=1``): no fork bomb.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import time
 import traceback
 
 IN_WORKER_ENV = "COREMAP_IN_WORKER"
+# Exceptions after which a worker stops (the parent replaces it).
+EXITS = ("builtins.SystemExit", "builtins.KeyboardInterrupt")
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -160,7 +162,8 @@ def run_call(spec: dict, funcs: dict, segments: dict):
     space = _layout.build_space(views)
     n, workers, schedule, chunk, max_chunk, target_ns, first_chunk, floor_ns = spec["job"]
     job = _runner.Job(n, workers, schedule, chunk, max_chunk, target_ns=target_ns,
-                      first_chunk=first_chunk, floor_ns=floor_ns, state=ctrl.address + state_offset, init=False,
+                      first_chunk=first_chunk, floor_ns=floor_ns,
+                      state=ctrl.address + state_offset, init=False,
                       state_owner=ctrl)
     job.set_slot(ctrl.address + slot_offset)
     errors = _tasks.Errors()
@@ -231,5 +234,5 @@ def main(conn, parent_pid: int) -> None:
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
             reply = _report(exc, spec.get("call_id"), -1, -1)
         conn.send_bytes(pickle.dumps(reply))
-        if reply[0] == "error" and reply[5] in ("builtins.SystemExit", "builtins.KeyboardInterrupt"):
+        if reply[0] == "error" and reply[5] in EXITS:
             return  # asked to stop: the parent replaces this worker
