@@ -21,11 +21,15 @@ def _shm_entries() -> set[str]:
         return set()
 
 
+# Persistent pools by design: coremap's thread engine (one thread per worker,
+# reused), and dask's offload pool, which dask starts lazily and keeps.
+PERSISTENT_THREADS = ("coremap-thread-", "Dask-Offload")
+
+
 def _threads() -> set[str]:
-    # coremap's own pool threads are persistent by design (one per worker, reused)
     return {
         t.name for t in threading.enumerate()
-        if t.is_alive() and not t.name.startswith("coremap-thread-")
+        if t.is_alive() and not t.name.startswith(PERSISTENT_THREADS)
     }
 
 
@@ -34,11 +38,14 @@ def _no_leaks():
     env_before = {k: v for k, v in os.environ.items() if k.startswith("COREMAP_")}
     threads_before = _threads()
     shm_before = _shm_entries()
+    children_before = set(_children())
     yield
     env_after = {k: v for k, v in os.environ.items() if k.startswith("COREMAP_")}
     assert env_after == env_before, "a COREMAP_* variable leaked out of the test"
-    # coremap's own worker processes are persistent by design (reused across calls)
-    stray = [p for p in _children() if not p.name.startswith("coremap-worker-")]
+    # children that existed before the test (a module's cluster) are not its doing
+    # (a dask nanny restarting a worker the test killed is the cluster's doing too)
+    stray = [p for p in _children() if p not in children_before
+             and not p.name.startswith("Dask Worker process")]
     assert stray == [], f"child processes left running: {stray}"
     extra = _threads() - threads_before
     assert not extra, f"threads left running: {extra}"

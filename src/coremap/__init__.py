@@ -8,12 +8,22 @@ See :func:`parallel_map`, :func:`explain` and :func:`config`.
 from coremap import kernels
 from coremap._api import CoremapWarning, explain, parallel_map
 from coremap._config import config
-from coremap._errors import BackendUnavailableError, RemoteError, WorkerCrashedError
+from coremap._errors import RemoteError, WorkerCrashedError
 from coremap._plan import Plan
 from coremap.pool import Pool
 from coremap.shared import SharedArray, SharedLock, cleanup_stale
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # coremap.cluster is imported on first use: `import coremap` stays light and
+    # never imports ipyparallel or dask
+    if name == "cluster":
+        import importlib
+
+        return importlib.import_module("coremap.cluster")
+    raise AttributeError(f"module 'coremap' has no attribute {name!r}")
 
 __all__ = [
     "parallel_map",
@@ -22,7 +32,6 @@ __all__ = [
     "kernels",
     "Plan",
     "CoremapWarning",
-    "BackendUnavailableError",
     "WorkerCrashedError",
     "RemoteError",
     "Pool",

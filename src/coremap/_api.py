@@ -29,6 +29,7 @@ def parallel_map(
     schedule: str = "guided",
     progress: bool = False,
     timeout: float | None = None,
+    retries: int = 0,
 ) -> np.ndarray:
     """Apply ``func`` to every element of ``arrays`` on every core.
 
@@ -49,12 +50,13 @@ def parallel_map(
         Dtype of the result (``"same_kind"`` cast from what ``func`` returns).
     vectorized : bool
         ``func`` takes and returns whole chunks (1-D arrays; scalars as given).
-    backend : {"auto", "threads", "processes", "serial"}, optional
+    backend : {"auto", "threads", "processes", "serial"} or cluster client, optional
         Where to run. ``"auto"`` (the default, or ``COREMAP_BACKEND``) runs
         compiled kernels, ufuncs and vectorized functions on the thread pool
         (small inputs never leave the calling thread), and functions Numba cannot
-        compile on worker processes over shared memory. :func:`explain` says
-        what it chose and why.
+        compile on worker processes over shared memory. An ipyparallel
+        ``Client``/``View`` or a ``dask.distributed.Client`` runs the chunks on
+        that cluster. :func:`explain` says what it chose and why.
     workers : int, optional
         Number of workers (default: the usable cores, or ``COREMAP_WORKERS``).
     chunk_size : int, optional
@@ -70,6 +72,10 @@ def parallel_map(
         Seconds the call may take. On ``"processes"`` the workers still computing
         are killed (and replaced); on ``"threads"`` the call stops waiting and
         cancels the remaining chunks. Raises ``TimeoutError`` naming the chunk.
+
+    retries : int
+        On a cluster backend, re-run a failed chunk up to this many times (on
+        another engine where the cluster allows).
 
     Returns
     -------
@@ -98,7 +104,7 @@ def parallel_map(
     key = items = None
     if (out is None and dtype is None and backend is None and workers is None
             and chunk_size is None and schedule == "guided" and vectorized is False
-            and progress is False and timeout is None):
+            and progress is False and timeout is None and retries == 0):
         entry, items, key = _fastpath.lookup(arrays, func)
         if entry is not None:
             result = _fastpath.run(entry, func, items)
@@ -109,6 +115,7 @@ def parallel_map(
     plan = make_plan(
         arrays, func, out=out, dtype=dtype, vectorized=vectorized, backend=backend,
         workers=workers, chunk_size=chunk_size, schedule=schedule, timeout=timeout,
+        retries=retries,
     )
     if plan.warning:
         warnings.warn(plan.warning, CoremapWarning, stacklevel=2)

@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 
-class BackendUnavailableError(RuntimeError):
-    """The requested backend is not available in this installation or version."""
-
-
 class WorkerCrashedError(RuntimeError):
     """A worker process died while computing a chunk (SIGKILL, segfault, OOM, exit).
 

@@ -115,6 +115,10 @@ def _probe_args(plan) -> list:
 
 def execute(plan, progress: bool = False) -> np.ndarray:
     """Run ``plan`` (from ``make_plan``) and return the output array."""
+    if plan.adapter is not None and plan.size:
+        from coremap.engines import _cluster
+
+        return _cluster.execute(plan, plan.adapter, plan.retries)
     if plan.engine == "processes" and plan.size:
         return _execute_processes(plan, progress)
     if plan.out_dtype is None:

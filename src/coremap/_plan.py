@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coremap import _config
-from coremap._errors import BackendUnavailableError
 from coremap._layout import Input, memory_order, normalize_inputs
 from coremap.kernels import Affine
 
@@ -76,6 +75,8 @@ class Plan:
     out: np.ndarray | None = None
     requested_dtype: np.dtype | None = None
     timeout: float | None = None
+    retries: int = 0
+    adapter: object = None  # a cluster engine's adapter
     auto: bool = False  # chosen by backend="auto" (may still fall back to serial)
 
     def __str__(self) -> str:
@@ -170,6 +171,7 @@ def make_plan(
     chunk_size=None,
     schedule="guided",
     timeout=None,
+    retries=0,
 ) -> Plan:
     """Validate a call and decide how it runs. Raises before any work on bad input."""
     if not callable(func):
@@ -203,12 +205,16 @@ def make_plan(
         if requested is not None and requested != out.dtype:
             raise TypeError(f"dtype={requested} disagrees with out.dtype={out.dtype}")
         requested = out.dtype
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    adapter = None
     if not isinstance(backend, str):
-        raise BackendUnavailableError(
-            f"backend={type(backend).__name__} is not supported yet: cluster clients "
-            "(ipyparallel, dask.distributed) arrive in a later version of coremap. "
-            "Use backend='auto', 'threads' or 'serial'."
-        )
+        from coremap.engines import _cluster  # loaded only for a cluster client
+
+        adapter = _cluster.adapter_for(backend)
+    elif retries:
+        raise ValueError("retries= re-runs chunks on a cluster backend (ipyparallel, dask); "
+                         f"backend={backend!r} stops at the first error instead")
     if _config.in_worker() and backend in ("processes", "threads"):
         backend = "serial"  # nested inside a worker: bounded, never a pool of pools
 
@@ -226,7 +232,12 @@ def make_plan(
     warning = None
 
     native = kind in ("builtin", "numba")
-    if backend == "auto":
+    if adapter is not None:
+        engine = adapter.name
+        workers = adapter.engines()
+        reasons.append(f"a {adapter.name} client was given: {workers} engine slots, "
+                       "chunks balanced by its scheduler, each run with the serial engine")
+    elif backend == "auto":
         if kind == "python":
             engine = "processes" if workers > 1 and size >= PROCESS_MIN_SIZE else "serial"
             reasons.append(
@@ -303,5 +314,7 @@ def make_plan(
         out=out,
         requested_dtype=requested,
         timeout=timeout,
+        retries=retries,
+        adapter=adapter,
         auto=backend == "auto",
     )

@@ -1,0 +1,310 @@
+"""Cluster engines: ``parallel_map`` on an existing ipyparallel or dask.distributed cluster.
+
+coremap builds no cluster of its own. The flat index range is cut into chunks;
+each chunk's inputs travel as contiguous NumPy buffers (both engines serialize
+them without pickling elements), the engine's scheduler balances the chunks
+(ipyparallel's load-balanced view, dask's scheduler), and each chunk runs
+``parallel_map(..., backend="serial")`` on its engine: the same kernels as
+locally (Numba functions compiled once per engine and cached there, built-in
+Cython kernels, ufuncs, vectorized and plain Python functions). Results are
+written into ``out`` in order.
+
+Functions travel with cloudpickle, by value when their module cannot be
+imported on the engines (``__main__``, a test module, a script's helper module),
+so nothing but coremap needs installing there. Scalars travel inside each
+task; an array input is sliced per chunk (a broadcast array is materialised per
+chunk: not sent once per engine yet).
+
+Loaded only when a cluster client is passed: ``import coremap`` imports
+neither ipyparallel nor dask.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+import sys
+import warnings
+
+import numpy as np
+
+from coremap._errors import WorkerCrashedError
+
+INSTALL = 'pip install "coremap[cluster]"'
+CHUNKS_PER_ENGINE = 4
+
+_FUNCS: dict = {}  # on an engine: function bytes digest -> function (Numba caches by identity)
+
+
+def run_chunk(func_bytes: bytes, key: str, kind: str, args: list, out_dtype):
+    """Runs on an engine: one chunk through the serial engine."""
+    import cloudpickle
+
+    import coremap as cm
+
+    func = _FUNCS.get(key)
+    if func is None:
+        func = cloudpickle.loads(func_bytes)
+        if len(_FUNCS) > 64:
+            _FUNCS.clear()
+        _FUNCS[key] = func
+    arrays = tuple(args) if len(args) > 1 else args[0]
+    return cm.parallel_map(arrays, func, vectorized=kind == "vectorized", dtype=out_dtype,
+                           backend="serial")
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_packages() -> frozenset:
+    import importlib.metadata
+
+    return frozenset(importlib.metadata.packages_distributions())
+
+
+def _importable_elsewhere(module) -> bool:
+    """True for the standard library and installed distributions (coremap included,
+    which the engines need anyway); False for scripts, notebooks and test modules."""
+    if module is None or module.__name__ == "__main__":
+        return False
+    top = module.__name__.split(".")[0]
+    if top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ()):
+        return True
+    return top in _installed_packages()
+
+
+def pickle_function(func) -> bytes:
+    """cloudpickle ``func``, by value when its module is not installed everywhere."""
+    import cloudpickle
+
+    module = sys.modules.get(getattr(func, "__module__", None) or "")
+    by_value = module is not None and not _importable_elsewhere(module) \
+        and module.__name__ != "__main__"
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(func)
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+# -- adapters --------------------------------------------------------------------------
+
+class _Adapter:
+    name = "cluster"
+
+    def engines(self) -> int:
+        raise NotImplementedError
+
+    def submit(self, fn, args, retries: int):
+        raise NotImplementedError
+
+    def result(self, fut, timeout):
+        raise NotImplementedError
+
+
+class _IPyParallel(_Adapter):
+    name = "ipyparallel"
+
+    def __init__(self, backend) -> None:
+        import ipyparallel as ipp
+
+        if isinstance(backend, ipp.Client):
+            client, targets = backend, None
+        else:  # a DirectView or LoadBalancedView
+            client, targets = backend.client, backend.targets
+        self.client = client
+        # chunks always go through a load-balanced view over the same engines:
+        # it balances them and re-runs failed ones (retries)
+        self.view = client.load_balanced_view(targets=targets)
+
+    def engines(self) -> int:
+        targets = self.view.targets
+        if targets is None:
+            return max(1, len(self.client.ids))
+        return max(1, len(targets) if isinstance(targets, (list, tuple)) else 1)
+
+    def submit(self, fn, args, retries):
+        with self.view.temp_flags(retries=retries):
+            return self.view.apply_async(fn, *args)
+
+    def result(self, fut, timeout):
+        import time
+
+        import ipyparallel as ipp
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                # wait in slices: a cluster with no engine left would never answer
+                left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                try:
+                    return fut.get(timeout=max(left, 0.0))
+                except ipp.error.TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(
+                            f"a chunk did not finish within {timeout} s") from None
+                    if not self.client.ids:
+                        raise WorkerCrashedError(
+                            "every ipyparallel engine has gone: the chunk cannot run") from None
+        except ipp.error.EngineError as exc:
+            raise WorkerCrashedError(f"an ipyparallel engine died while running a chunk: "
+                                     f"{exc}") from exc
+        except ipp.error.RemoteError as exc:
+            if exc.ename == "EngineError":  # the hub reports a dead engine this way
+                raise WorkerCrashedError(f"an ipyparallel engine died while running a "
+                                         f"chunk: {exc.evalue}") from exc
+            raise _reraise_remote(exc.ename, exc.evalue, exc.traceback, exc) from None
+
+
+class _Dask(_Adapter):
+    name = "dask.distributed"
+
+    def __init__(self, client) -> None:
+        self.client = client
+        _check_dask_security(client)
+
+    def engines(self) -> int:
+        info = self.client.scheduler_info()
+        return max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
+
+    def submit(self, fn, args, retries):
+        return self.client.submit(fn, *args, retries=retries, pure=False)
+
+    def result(self, fut, timeout):
+        from distributed import KilledWorker
+
+        try:
+            return fut.result(timeout=timeout)
+        except KilledWorker as exc:
+            raise WorkerCrashedError(f"a dask worker died while running a chunk: {exc}") \
+                from exc
+        except TimeoutError:
+            raise TimeoutError(f"a chunk did not finish within {timeout} s") from None
+
+
+def _reraise_remote(ename, evalue, tb, original):
+    """The remote exception as its own builtin type where possible, traceback as cause."""
+    import builtins
+
+    from coremap._errors import RemoteError
+
+    cls = getattr(builtins, ename or "", None)
+    try:
+        exc = cls(evalue) if isinstance(cls, type) and issubclass(cls, Exception) else None
+    except Exception:
+        exc = None
+    if exc is None:
+        exc = RemoteError(ename, evalue, "\n".join(tb) if isinstance(tb, list) else str(tb))
+    exc.__cause__ = original
+    return exc
+
+
+def _check_dask_security(client) -> None:
+    from coremap._api import CoremapWarning
+
+    address = getattr(client.scheduler, "address", "") or ""
+    if address.startswith("tls://") or address.startswith("inproc://"):
+        return
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        warnings.warn(
+            f"the dask scheduler at {address} is neither on loopback nor TLS: functions and "
+            "data travel unencrypted and unauthenticated; use a tls:// scheduler",
+            CoremapWarning, stacklevel=4,
+        )
+
+
+def adapter_for(backend) -> _Adapter:
+    """The adapter for a cluster client, or a TypeError that says what is accepted."""
+    module = type(backend).__module__ or ""
+    if module.startswith("ipyparallel"):
+        return _IPyParallel(backend)
+    if module.startswith("distributed"):
+        return _Dask(backend)
+    raise TypeError(
+        "backend must be 'auto', 'threads', 'processes', 'serial', an ipyparallel Client, "
+        f"DirectView or LoadBalancedView, or a dask.distributed Client (install them with "
+        f"{INSTALL}); got {type(backend).__module__}.{type(backend).__qualname__}"
+    )
+
+
+# -- running a plan ------------------------------------------------------------------------
+
+def execute(plan, adapter: _Adapter, retries: int = 0) -> np.ndarray:
+    """Run ``plan`` on a cluster: chunks out, results into ``out`` in order."""
+    from coremap import _execute, _layout
+
+    func_bytes = pickle_function(plan.func)
+    key = hashlib.blake2b(func_bytes, digest_size=16).hexdigest()
+    n = plan.size
+    count = max(1, min(n, adapter.engines() * CHUNKS_PER_ENGINE))
+    bounds = np.linspace(0, n, count + 1).astype(np.int64)
+    chunks = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+    # inputs as (R x C) grids: a chunk's elements are a few row blocks
+    def it(a):
+        return _layout.iteration_view(a, plan.shape, plan.order)
+
+    views = [it(_layout.native(i.array)) for i in plan.inputs]
+    dummy = it(np.empty(plan.shape, np.int8, order=plan.order))
+    space = _layout.build_space([*views, dummy])
+    if space is None:
+        views = [np.ascontiguousarray(v) for v in views]
+        space = _layout.build_space([*views, dummy])
+
+    def chunk_args(lo, hi):
+        args = []
+        for k, inp in enumerate(plan.inputs):
+            if inp.is_scalar:
+                args.append(inp.value)
+                continue
+            g = space.grid(k)
+            parts = [g[r0:r1, c0:c1].reshape(-1) for r0, r1, c0, c1 in space.segments(lo, hi)]
+            args.append(np.ascontiguousarray(parts[0] if len(parts) == 1
+                                             else np.concatenate(parts)))
+        return args
+
+    def submit(lo, hi, dtype):
+        return adapter.submit(run_chunk, (func_bytes, key, plan.kind, chunk_args(lo, hi),
+                                          dtype), retries)
+
+    first = None
+    dtype = plan.out_dtype
+    if dtype is None:  # learn the dtype from the first chunk's result
+        first = np.asarray(adapter.result(submit(*chunks[0], None), plan.timeout))
+        dtype = first.dtype
+    futures = [submit(lo, hi, dtype) for lo, hi in (chunks[1:] if first is not None else chunks)]
+    plan.out_dtype = dtype
+    target, out = _execute._output(plan)
+    out_grid = _layout.build_space([it(target)])
+    if out_grid is None:  # an out= with no 2-D form: fill a temporary, copy at the end
+        target = np.empty(plan.shape, dtype, order=plan.order)
+        out_grid = _layout.build_space([it(target)])
+    grid = out_grid.grid(0)
+    results = ([first] if first is not None else []) + futures
+    try:
+        for (lo, hi), item in zip(chunks, results):
+            res = item if isinstance(item, np.ndarray) else adapter.result(item, plan.timeout)
+            res = np.asarray(res).reshape(-1)
+            pos = 0
+            for r0, r1, c0, c1 in out_grid.segments(lo, hi):
+                block = grid[r0:r1, c0:c1]
+                np.copyto(block, res[pos:pos + block.size].reshape(block.shape),
+                          casting="same_kind")
+                pos += block.size
+    except BaseException:
+        for item in results:
+            cancel = getattr(item, "cancel", None)
+            if cancel is not None:
+                try:
+                    cancel()
+                except Exception:
+                    pass
+        raise
+    if target is not out:
+        np.copyto(out, target, casting="same_kind")
+    return out
