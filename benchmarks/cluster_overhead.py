@@ -3,22 +3,12 @@ cluster, in one run: the values must be identical, and the cluster overhead show
 
 Run: pip install ".[cluster]" && python benchmarks/cluster_overhead.py
 """
-import statistics
-import time
-
 from distributed import Client, LocalCluster
 
 import coremap as cm
 from coremap import _workloads as w
+from coremap._bench import median_time
 
-
-def med(fn, r=5):
-    ts = []
-    for _ in range(r):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 if __name__ == "__main__":
     x = w.data(10**7)
     local = cm.parallel_map(x, w.w2)
@@ -29,9 +19,9 @@ if __name__ == "__main__":
         b = cm.parallel_map(x, w.w2, backend=c)
         print("identical: ipyparallel", a.tobytes() == local.tobytes(),
               "dask", b.tobytes() == local.tobytes())
-        t_local = med(lambda: cm.parallel_map(x, w.w2))
-        t_ipp = med(lambda: cm.parallel_map(x, w.w2, backend=rc))
-        t_dask = med(lambda: cm.parallel_map(x, w.w2, backend=c))
+        t_local = median_time(lambda: cm.parallel_map(x, w.w2))
+        t_ipp = median_time(lambda: cm.parallel_map(x, w.w2, backend=rc))
+        t_dask = median_time(lambda: cm.parallel_map(x, w.w2, backend=c))
         print(f"W2 1e7: local threads {t_local * 1e3:.0f} ms, "
               f"ipyparallel 2 engines {t_ipp * 1e3:.0f} ms ({t_ipp / t_local:.2f}x), "
               f"dask 2 workers {t_dask * 1e3:.0f} ms ({t_dask / t_local:.2f}x)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import decimal
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 
 import coremap as cm
 from coremap import _workloads
+from coremap._bench import median_time
 from coremap._kernels import _runner
 from coremap.engines import thread_engine
 
@@ -114,23 +114,14 @@ def test_cancel_stops_claims():
 
 # -- the engine --------------------------------------------------------------------------
 
-def _median_time(fn, repeat=5):
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 @pytest.mark.skipif(cm._config.usable_cores() < 2, reason="needs two cores")
 def test_threads_run_without_the_gil():
     """Two workers beat one on a compute-bound kernel: the kernel holds no GIL."""
     x = np.random.default_rng(0).random(200_000)
     out = np.empty_like(x)
     cm.parallel_map(x, spin, out=out)  # compile
-    one = _median_time(lambda: cm.parallel_map(x, spin, out=out, workers=1, backend="threads"))
-    two = _median_time(lambda: cm.parallel_map(x, spin, out=out, workers=2, backend="threads"))
+    one = median_time(lambda: cm.parallel_map(x, spin, out=out, workers=1, backend="threads"))
+    two = median_time(lambda: cm.parallel_map(x, spin, out=out, workers=2, backend="threads"))
     assert one / two > 1.3, f"1 worker {one:.4f}s, 2 workers {two:.4f}s"
 
 

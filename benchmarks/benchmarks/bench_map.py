@@ -10,6 +10,7 @@ import numpy as np
 
 import coremap as cm
 from coremap import _workloads
+from coremap._bench import _numba_peers, median_time
 
 ENGINES = ["numpy", "coremap serial", "coremap threads", "coremap threads out=",
            "numexpr", "numba prange"]
@@ -19,19 +20,8 @@ SCALAR = {"W1": _workloads.w1, "W2": _workloads.w2}
 NUMPY = {"W1": _workloads.w1_numpy, "W2": _workloads.w2_numpy}
 
 
-def _prange(scalar):
-    import numba
-
-    jf = numba.njit(scalar)
-
-    @numba.njit(parallel=True)
-    def run(x):
-        o = np.empty_like(x)
-        for i in numba.prange(x.size):
-            o[i] = jf(x[i])
-        return o
-
-    return run
+def _prange(scalar, out_dtype=np.float64):
+    return _numba_peers(scalar, out_dtype)[1]  # prange into a fresh array
 
 
 class ElementWise:
@@ -93,7 +83,7 @@ class Mandelbrot:
 
             self.fn = lambda: loop(x)
         elif engine == "numba prange":
-            run = _prange(_workloads.w3)
+            run = _prange(_workloads.w3, np.int64)
             self.fn = lambda: run(x)
         elif engine == "coremap threads":
             self.fn = lambda: cm.parallel_map(x, _workloads.w3)
@@ -125,18 +115,6 @@ class SmallCall:
         self.fn()
 
 
-def _median_time(fn, repeat=5):
-    import statistics
-    import time
-
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 class Speedup:
     """Ratios measured side by side in one process (what the targets are written in)."""
 
@@ -149,8 +127,8 @@ class Speedup:
         cm.parallel_map(self.xs, _workloads.w3)
 
     def track_w2_workers2_over_workers1(self):
-        one = _median_time(lambda: cm.parallel_map(self.x, _workloads.w2, workers=1))
-        two = _median_time(lambda: cm.parallel_map(self.x, _workloads.w2, workers=2))
+        one = median_time(lambda: cm.parallel_map(self.x, _workloads.w2, workers=1))
+        two = median_time(lambda: cm.parallel_map(self.x, _workloads.w2, workers=2))
         return one / two
 
     track_w2_workers2_over_workers1.unit = "x"
@@ -158,17 +136,17 @@ class Speedup:
     def track_w2_over_numba_prange(self):
         run = _prange(_workloads.w2)
         run(self.x)
-        peer = _median_time(lambda: run(self.x))
-        ours = _median_time(lambda: cm.parallel_map(self.x, _workloads.w2))
+        peer = median_time(lambda: run(self.x))
+        ours = median_time(lambda: cm.parallel_map(self.x, _workloads.w2))
         return peer / ours
 
     track_w2_over_numba_prange.unit = "x"
 
     def track_w3_sorted_over_numba_prange(self):
-        run = _prange(_workloads.w3)
+        run = _prange(_workloads.w3, np.int64)
         run(self.xs)
-        peer = _median_time(lambda: run(self.xs), 3)
-        ours = _median_time(lambda: cm.parallel_map(self.xs, _workloads.w3), 3)
+        peer = median_time(lambda: run(self.xs), 3)
+        ours = median_time(lambda: cm.parallel_map(self.xs, _workloads.w3), 3)
         return peer / ours
 
     track_w3_sorted_over_numba_prange.unit = "x"

@@ -43,6 +43,16 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def median_time(fn: Callable[[], object], repeat: int = 5) -> float:
+    """Median seconds of ``repeat`` back-to-back calls of ``fn``."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 # Pause before each timing: OpenMP threads (Numba's omp layer) spin for a few
 # milliseconds after a parallel region and slow whatever runs next on a 2-core
 # machine (measured: W1 into out= 9.6 ms right after prange, 7.0 ms 10 ms later).

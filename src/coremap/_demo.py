@@ -6,7 +6,6 @@ call, and prints the times, the speed-up, and a check against NumPy.
 """
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 
@@ -14,15 +13,7 @@ import numpy as np
 
 import coremap as cm
 from coremap import _config, _workloads
-
-
-def _median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from coremap._bench import median_time
 
 
 def run(n_w2: int = 20_000_000, n_w3: int = 1_000_000, repeat: int = 3, file=None) -> list[dict]:
@@ -46,11 +37,11 @@ def run(n_w2: int = 20_000_000, n_w3: int = 1_000_000, repeat: int = 3, file=Non
         expected = reference(x)  # also faults in NumPy's temporaries once
         t_numpy = time.perf_counter() - t0
         if t_numpy < 1.0:  # steady state; a slow reference is timed once, to stay quick
-            t_numpy = _median_time(lambda: reference(x), repeat)  # noqa: B023
+            t_numpy = median_time(lambda: reference(x), repeat)  # noqa: B023
         t0 = time.perf_counter()
         got = cm.parallel_map(x, scalar)  # includes the JIT compile
         t_first = time.perf_counter() - t0
-        t_cm = _median_time(lambda: cm.parallel_map(x, scalar), repeat)  # noqa: B023
+        t_cm = median_time(lambda: cm.parallel_map(x, scalar), repeat)  # noqa: B023
         if expected.dtype.kind == "f":
             ok = bool(np.allclose(got, expected, rtol=1e-12, atol=0))
             check = "ok (allclose, rtol 1e-12)" if ok else "MISMATCH"
