@@ -129,6 +129,15 @@ def _pool_map_chunks(scalar_name: str, x, chunks: int):
     return run, pool
 
 
+def _joblib_chunks(scalar_name: str, x, chunks: int):
+    """joblib.Parallel (loky) over ``chunks`` pieces, as a user would write it."""
+    from joblib import Parallel, delayed
+
+    pieces = np.array_split(x, chunks)
+    run = Parallel(n_jobs=_config.usable_cores(), backend="loky")
+    return lambda: np.concatenate(run(delayed(_chunk_apply)((scalar_name, p)) for p in pieces))
+
+
 def _chunk_apply(args):
     name, piece = args
     import numba
@@ -195,6 +204,12 @@ def bench_w2(n: int, repeat: int) -> list[Row]:
     vec_par, prange_fresh, _, _ = _numba_peers(_workloads.w2)
     contenders["numba vectorize parallel"] = lambda: vec_par(x)
     contenders["numba prange"] = lambda: prange_fresh(x)
+    if _has("dask"):
+        import dask.array as da
+
+        xd = da.from_array(x, chunks=max(1, x.size // (4 * _config.usable_cores())))
+        contenders["dask.array map_blocks"] = (
+            lambda: xd.map_blocks(_workloads.w2_numpy).compute(scheduler="threads"))
     contenders["coremap"] = lambda: cm.parallel_map(x, _workloads.w2)
     contenders["coremap workers=1"] = lambda: cm.parallel_map(x, _workloads.w2, workers=1)
     t = time_interleaved(contenders, repeat)
@@ -225,6 +240,8 @@ def bench_w3(n: int, repeat: int, pool: bool = True) -> list[Row]:
         mp_pool = None
         if pool:
             contenders["mp.Pool.map, 64 chunks"], mp_pool = _pool_map_chunks("w3", x, 64)
+        if pool and _has("joblib"):
+            contenders["joblib loky, 64 chunks"] = _joblib_chunks("w3", x, 64)
         contenders["coremap"] = lambda: cm.parallel_map(x, _workloads.w3)  # noqa: B023
         contenders["coremap workers=1"] = (
             lambda: cm.parallel_map(x, _workloads.w3, workers=1))  # noqa: B023
@@ -277,6 +294,13 @@ def bench_w4(n: int, repeat: int, pool: bool = True) -> list[Row]:
             pieces = np.array_split(x, chunks)
             contenders[f"mp.Pool.map, {chunks} chunks"] = (
                 lambda p=pieces: np.concatenate(mp_pool.map(_w4_chunk, p)))
+        if _has("joblib"):
+            from joblib import Parallel, delayed
+
+            run = Parallel(n_jobs=_config.usable_cores(), backend="loky")
+            pieces = np.array_split(x, 64)
+            contenders["joblib loky, 64 chunks"] = (
+                lambda: np.concatenate(run(delayed(_w4_chunk)(p) for p in pieces)))
     contenders["coremap processes"] = lambda: cm.parallel_map(x, _workloads.w4,
                                                               backend="processes")
     try:
@@ -287,7 +311,7 @@ def bench_w4(n: int, repeat: int, pool: bool = True) -> list[Row]:
             mp_pool.join()
     serial = min(v for k, v in t.items() if k.startswith("serial"))
     rows = [Row(f"W4 {n:.0e}", k, v, serial / v) for k, v in t.items()]
-    procs = [v for k, v in t.items() if k.startswith("mp.")]
+    procs = [v for k, v in t.items() if k.startswith(("mp.", "joblib"))]
     for r in rows:
         if r.contender == "coremap processes":
             r.target = ">= 1.85x fastest serial, >= process peers"
@@ -465,8 +489,10 @@ def run(workloads=WORKLOADS, quick: bool = False, file=None) -> list[Row]:
     big = 10**7
     rows: list[Row] = []
     print(f"machine: {machine()}", file=file)
-    if not _has("numexpr"):
-        print("note: numexpr not installed, skipped (pip install 'coremap[bench]')", file=file)
+    for peer in ("numexpr", "joblib", "dask"):
+        if not _has(peer):
+            print(f"note: {peer} not installed, its rows are skipped "
+                  "(pip install 'coremap[bench]')", file=file)
     steps = {
         "W1": lambda: bench_w1(big, repeat) + ([] if quick else bench_w1(10**8, 3)),
         "W2": lambda: bench_w2(big, repeat),

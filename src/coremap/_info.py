@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import multiprocessing
 import os
 import platform
 import shutil
@@ -60,10 +59,12 @@ def collect() -> dict:
         )
     except ImportError:
         facts["numba threading layer"] = "numba not installed"
-    facts["engines"] = "serial, threads"
-    facts["process start method"] = (
-        "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    )
+    engines = ["serial", "threads", "processes"]
+    engines += [f"{name} (cluster)" for name, dist in (("ipyparallel", "ipyparallel"),
+                                                       ("dask.distributed", "distributed"))
+                if _version(dist)]
+    facts["engines"] = ", ".join(engines)
+    facts["worker processes"] = "fresh interpreters (subprocess), never forked"
     if os.path.isdir("/dev/shm"):
         usage = shutil.disk_usage("/dev/shm")
         facts["/dev/shm"] = f"{usage.total / 2**30:.1f} GiB, {usage.free / 2**30:.1f} GiB free"
