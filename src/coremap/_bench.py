@@ -496,8 +496,8 @@ def run(workloads=WORKLOADS, quick: bool = False, file=None) -> list[Row]:
     steps = {
         "W1": lambda: bench_w1(big, repeat) + ([] if quick else bench_w1(10**8, 3)),
         "W2": lambda: bench_w2(big, repeat),
-        "W3": lambda: bench_w3(10**6 if not quick else 3 * 10**5, repeat, pool=not quick),
-        "W4": lambda: bench_w4(10**6 if not quick else 2 * 10**5, repeat, pool=not quick),
+        "W3": lambda: bench_w3(10**6 if not quick else 3 * 10**5, repeat),
+        "W4": lambda: bench_w4(10**6 if not quick else 2 * 10**5, repeat),
         "W5": lambda: bench_w5(repeat),
         "W6": lambda: bench_w6(big if not quick else 10**6, repeat),
         "JIT": lambda: bench_jit(repeat),

@@ -45,8 +45,8 @@ from coremap.engines._worker import EXITS
 __all__ = ["Pool", "AsyncResult", "SHARE_BYTES"]
 
 # Arrays at least this large travel through shared memory rather than the pipe.
-# Chosen by benchmarks/bench_pool.py: below it, pickling through the pipe is
-# cheaper than creating and faulting in a segment.
+# Chosen by benchmarks/bench_pool_threshold.py (16 arrays each way, 2 workers):
+# segments cost 1.6x the pipe at 128 KiB, 0.79x at 256 KiB, 0.37x at 4 MiB.
 SHARE_BYTES = 256 * 1024
 
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
@@ -64,13 +64,14 @@ TimeoutError = _MPTimeoutError  # what AsyncResult.get raises, as in multiproces
 _ALIGN = 64
 
 
-def dumps_shared(obj, fallback_cloudpickle: bool = True):
+def dumps_shared(obj, fallback_cloudpickle: bool = True, threshold: int | None = None):
     """``(data, segment_info, segment)``: ``obj`` pickled, large buffers in a segment."""
     big = []
+    threshold = SHARE_BYTES if threshold is None else threshold
 
     def take(pb):
         raw = pb.raw()
-        if raw.nbytes >= SHARE_BYTES:
+        if raw.nbytes >= threshold:
             big.append(raw)
             return False  # out of band: it goes through shared memory
         return True
@@ -114,10 +115,10 @@ def loads_shared(data, info, unlink: bool = False):
     return pickle.loads(data, buffers=buffers)
 
 
-def export_results(results):
+def export_results(results, threshold: int | None = None):
     """A worker's reply payload: results pickled, large arrays left in a segment that
     the parent adopts (maps, then unlinks)."""
-    data, info, seg = dumps_shared(results, fallback_cloudpickle=False)
+    data, info, seg = dumps_shared(results, fallback_cloudpickle=False, threshold=threshold)
     if seg is not None:
         seg._finalizer.detach()  # the parent unlinks it once mapped
     return data, info
@@ -362,7 +363,8 @@ class Pool:
                                 f"workers: {exc}") from exc
             keep = [seg] if seg is not None else []
             tasks.append(({"func": func_bytes, "func_key": key, "args": data,
-                           "shared": info, "mode": mode}, result, index, keep))
+                           "shared": info, "mode": mode, "share_bytes": SHARE_BYTES},
+                          result, index, keep))
         with self._lock:
             self._check_running()
             self._jobs[id(result)] = result

@@ -117,7 +117,7 @@ def run_task(spec: dict, funcs: dict):
         k = len(results)
         return _report(exc, spec["task"], k, k + 1)
     try:
-        payload = pool.export_results(results)
+        payload = pool.export_results(results, spec.get("share_bytes"))
     except BaseException as exc:  # a result that cannot be pickled
         return _report(pool.encoding_error(exc, results), spec["task"], -1, -1)
     return ("result", spec["task"], payload)
