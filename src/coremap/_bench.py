@@ -536,6 +536,7 @@ def plot(rows: list[Row], path: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError as exc:
         raise SystemExit("--plot needs matplotlib: pip install 'coremap[bench]'") from exc
     groups: dict[str, list[Row]] = {}
@@ -551,10 +552,15 @@ def plot(rows: list[Row], path: str) -> None:
         values = [r.speedup for r in part]
         colors = ["#d95f02" if lab.startswith("coremap") else "#7570b3" for lab in labels]
         ax.barh(range(len(part)), values, color=colors)
+        for k, v in enumerate(values):
+            ax.text(v, k, f" {v:.2f}x", va="center", fontsize=6)
+        ax.set_xlim(min(values + [1.0]) * 0.8, max(values + [1.0]) * 1.6)
         ax.set_yticks(range(len(part)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.axvline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(name, fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
     for ax in list(axes.flat)[n:]:
