@@ -40,9 +40,12 @@ from coremap.engines import get_engine
 PROBE = 256
 
 # Chunk timing (see _kernels/_runner.pyx). A chunk aims at TARGET_CHUNK_NS, so
-# Ctrl-C and cancels act within about that long; helpers are woken once the
-# estimated remaining work exceeds ESCALATE_NS, the crossover below which one
-# thread is faster. Both chosen by benchmarks/crossover.py.
+# Ctrl-C and cancels act within about that long (a responsiveness choice, well
+# under the 1 s budget; chunk overhead is ~1 us, so it costs nothing measurable).
+# Helpers are woken once the estimated remaining work exceeds ESCALATE_NS: about
+# twice what waking a thread costs (35-60 us, BENCHMARKS.md), so a call that
+# would be over before a helper arrives stays in the caller (W5 at 10^3 elements:
+# 2.1-4.9x NumPy's time, no thread woken; tests/test_engine.py checks the latter).
 TARGET_CHUNK_NS = 20_000_000
 ESCALATE_NS = 100_000
 FIRST_CHUNK = 1_024
