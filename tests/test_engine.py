@@ -317,3 +317,16 @@ def test_workloads_match_numpy():
                                rtol=1e-12)
     np.testing.assert_array_equal(cm.parallel_map(x, _workloads.w3), _workloads.w3_numpy(x))
     np.testing.assert_array_equal(cm.parallel_map(x, _workloads.w1), _workloads.w1_numpy(x))
+
+
+@pytest.mark.timeout(180)
+def test_more_than_2_31_elements():
+    """2**32 elements (two broadcast inputs): int64 indices end to end, no overflow."""
+    a = np.arange(2**16, dtype=np.uint8).reshape(-1, 1)
+    b = np.arange(2**16, dtype=np.uint8).reshape(1, -1)
+    out = cm.parallel_map((a, b), lambda u, v: u ^ v, dtype=np.uint8)
+    assert out.shape == (2**16, 2**16) and out.size > 2**31
+    for i, j in [(0, 0), (12345, 54321), (2**16 - 1, 2**16 - 1), (2**15, 2**16 - 3)]:
+        assert out[i, j] == (i % 256) ^ (j % 256)
+    assert np.array_equal(out[-1], (255 ^ (np.arange(2**16) % 256)).astype(np.uint8))
+    del out

@@ -465,3 +465,37 @@ def test_warning_free_on_explicit_backend():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cm.parallel_map(np.arange(10.0), dec2, backend="processes")
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.timeout(240)
+def test_soak_with_worker_kills(engine):
+    """Many calls with workers killed now and then: descriptors, RSS and /dev/shm stay flat."""
+    x = np.arange(2000.0)
+    cm.parallel_map(x, dec2, backend="processes", workers=2)
+    before_fds, before_rss, before_shm = _fds(), _rss_mb(), _segments()
+    crashes = 0
+    for i in range(600):
+        if i % 100 == 50:
+            os.kill(engine.pids()[i % 2], signal.SIGKILL)
+        try:
+            got = cm.parallel_map(x, dec2, backend="processes", workers=2)
+        except cm.WorkerCrashedError:
+            crashes += 1
+            continue
+        assert got[-1] == 2 * x[-1]
+    assert crashes <= 6
+    assert _fds() <= before_fds + 4
+    assert _rss_mb() < before_rss + 64
+    assert _segments() <= before_shm

@@ -266,12 +266,20 @@ class ProcessEngine:
         if not self._cleaned:
             _shm.cleanup_stale()  # segments that killed coremap processes left behind
             self._cleaned = True
+        started = False
         for i, w in enumerate(self._workers):
             if not w.process.is_alive():
                 w.kill()
                 self._workers[i] = _Worker(i)
+                started = True
         while len(self._workers) < n:
             self._workers.append(_Worker(len(self._workers)))
+            started = True
+        if started:
+            # pooled segments were mapped by the old set of workers: a new worker
+            # cannot attach them (their names are gone), so they would only hold
+            # memory and a descriptor (mmap keeps a dup of the fd) from now on
+            self.pool.flush()
         procs = self._workers[:n]
         self.pool.pids = {w.process.pid for w in procs}
         return procs
