@@ -70,18 +70,9 @@ class Mandelbrot:
     def setup(self, sort, engine):
         x = _workloads.data(2 * 10**5, sort=sort)
         if engine == "numba 1 thread":
-            import numba
-
-            jf = numba.njit(_workloads.w3)
-
-            @numba.njit
-            def loop(x):
-                o = np.empty(x.size, np.int64)
-                for i in range(x.size):
-                    o[i] = jf(x[i])
-                return o
-
-            self.fn = lambda: loop(x)
+            serial = _numba_peers(_workloads.w3, np.int64)[3]
+            o = np.empty(x.size, np.int64)
+            self.fn = lambda: serial(x, o)
         elif engine == "numba prange":
             run = _prange(_workloads.w3, np.int64)
             self.fn = lambda: run(x)

@@ -164,15 +164,22 @@ _JIT_CACHE: dict = {}
 
 # -- workloads ---------------------------------------------------------------------------
 
+def _array_peers(x, scalar, reference, expr: str) -> tuple[dict, Callable]:
+    """NumPy, numexpr and Numba's parallel targets on ``x``; also prange into an out."""
+    contenders = {"numpy": lambda: reference(x)}
+    if _has("numexpr"):
+        contenders["numexpr"] = _numexpr(expr, x)
+    vec_par, prange_fresh, prange_out, _ = _numba_peers(scalar)
+    contenders["numba vectorize parallel"] = lambda: vec_par(x)
+    contenders["numba prange"] = lambda: prange_fresh(x)
+    return contenders, prange_out
+
+
 def bench_w1(n: int, repeat: int) -> list[Row]:
     x = _workloads.data(n)
     o = np.empty_like(x)
-    contenders = {"numpy": lambda: _workloads.w1_numpy(x)}
-    if _has("numexpr"):
-        contenders["numexpr"] = _numexpr("2.0*x + 1.0", x)
-    vec_par, prange_fresh, prange_out, _ = _numba_peers(_workloads.w1)
-    contenders["numba vectorize parallel"] = lambda: vec_par(x)
-    contenders["numba prange"] = lambda: prange_fresh(x)
+    contenders, prange_out = _array_peers(x, _workloads.w1, _workloads.w1_numpy,
+                                          "2.0*x + 1.0")
     contenders["numba prange, out="] = lambda: prange_out(x, o)
     aff = cm.kernels.affine(2.0, 1.0)
     contenders["coremap"] = lambda: cm.parallel_map(x, _workloads.w1)
@@ -198,12 +205,8 @@ def bench_w1(n: int, repeat: int) -> list[Row]:
 
 def bench_w2(n: int, repeat: int) -> list[Row]:
     x = _workloads.data(n)
-    contenders = {"numpy": lambda: _workloads.w2_numpy(x)}
-    if _has("numexpr"):
-        contenders["numexpr"] = _numexpr("sin(x)*exp(-x*x) + sqrt(x)", x)
-    vec_par, prange_fresh, _, _ = _numba_peers(_workloads.w2)
-    contenders["numba vectorize parallel"] = lambda: vec_par(x)
-    contenders["numba prange"] = lambda: prange_fresh(x)
+    contenders, _ = _array_peers(x, _workloads.w2, _workloads.w2_numpy,
+                                 "sin(x)*exp(-x*x) + sqrt(x)")
     if _has("dask"):
         import dask.array as da
 

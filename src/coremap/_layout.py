@@ -141,7 +141,7 @@ class Space:
     def classes(self, scalars: list[bool]) -> str:
         """Stride class per operand: 's' scalar, 'c' unit column stride, 'g' general."""
         out = []
-        for k, (rs, cs) in enumerate(zip(self.row_strides, self.col_strides)):  # noqa: B007
+        for k, cs in enumerate(self.col_strides):
             if k < len(scalars) and scalars[k]:
                 out.append("s")
             elif cs == 1 or self.cols == 1:

@@ -76,7 +76,6 @@ class Plan:
     func: object = None
     inputs: list[Input] = field(default_factory=list)
     out: np.ndarray | None = None
-    requested_dtype: np.dtype | None = None
     timeout: float | None = None
     retries: int = 0
     adapter: object = None  # a cluster engine's adapter
@@ -315,7 +314,6 @@ def make_plan(
         func=func,
         inputs=inputs,
         out=out,
-        requested_dtype=requested,
         timeout=timeout,
         retries=retries,
         adapter=adapter,

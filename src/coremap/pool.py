@@ -175,15 +175,11 @@ class AsyncResult:
         self._pool._jobs.pop(id(self), None)
 
 
-ApplyResult = AsyncResult
-
-
 class MapResult(AsyncResult):
-    def __init__(self, pool, chunks: int, length: int, callback, error_callback) -> None:
+    def __init__(self, pool, chunks: int, callback, error_callback) -> None:
         super().__init__(pool, callback, error_callback)
         self._parts: list = [None] * chunks
         self._left = chunks
-        self._length = length
         if chunks == 0:
             self._finish(True, [])
 
@@ -311,7 +307,6 @@ class Pool:
             raise ValueError("maxtasksperchild must be a positive int or None")
         import cloudpickle
 
-        self._processes = processes
         self._init = (cloudpickle.dumps((initializer, tuple(initargs)))
                       if initializer is not None else None)
         self._maxtasks = maxtasksperchild
@@ -406,7 +401,7 @@ class Pool:
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
         batches, n = self._batches(iterable, chunksize, star)
-        result = MapResult(self, n, len(iterable), callback, error_callback)
+        result = MapResult(self, n, callback, error_callback)
         if n:
             self._submit(func, batches, result, mode="star" if star else "map")
         return result

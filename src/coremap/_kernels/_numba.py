@@ -101,11 +101,6 @@ def _numba():
     return numba
 
 
-def is_dispatcher(func: object) -> bool:
-    numba = _numba()
-    return isinstance(func, numba.core.dispatcher.Dispatcher)
-
-
 def _dispatcher(func):
     numba = _numba()
     if isinstance(func, numba.core.dispatcher.Dispatcher):
