@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from coremap import _fastpath
 from coremap._execute import execute
 from coremap._plan import Plan, make_plan
+from coremap._typing import Backend, KernelFunc, Schedule
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from coremap._typing import MapOptions
 
 __all__ = ["parallel_map", "explain"]
 
@@ -16,21 +24,60 @@ class CoremapWarning(UserWarning):
     """A call ran, but not the way you probably wanted (the message says how to fix it)."""
 
 
+_OutT = TypeVar("_OutT", bound="np.ndarray[Any, Any]")
+
+
+@overload
 def parallel_map(
-    arrays,
-    func,
+    arrays: ArrayLike | tuple[ArrayLike, ...],
+    func: KernelFunc,
     *,
-    out: np.ndarray | None = None,
-    dtype=None,
+    out: None = None,
+    dtype: DTypeLike = None,
     vectorized: bool = False,
-    backend=None,
+    backend: Backend | None = None,
     workers: int | None = None,
     chunk_size: int | None = None,
-    schedule: str = "guided",
+    schedule: Schedule = "guided",
     progress: bool = False,
     timeout: float | None = None,
     retries: int = 0,
-) -> np.ndarray:
+) -> NDArray[Any]: ...
+
+
+@overload
+def parallel_map(
+    arrays: ArrayLike | tuple[ArrayLike, ...],
+    func: KernelFunc,
+    *,
+    out: _OutT,
+    dtype: DTypeLike = None,
+    vectorized: bool = False,
+    backend: Backend | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    schedule: Schedule = "guided",
+    progress: bool = False,
+    timeout: float | None = None,
+    retries: int = 0,
+) -> _OutT: ...
+
+
+def parallel_map(
+    arrays: ArrayLike | tuple[ArrayLike, ...],
+    func: KernelFunc,
+    *,
+    out: np.ndarray[Any, Any] | None = None,
+    dtype: DTypeLike = None,
+    vectorized: bool = False,
+    backend: Backend | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    schedule: Schedule = "guided",
+    progress: bool = False,
+    timeout: float | None = None,
+    retries: int = 0,
+) -> NDArray[Any]:
     """Apply ``func`` to every element of ``arrays`` on every core.
 
     Parameters
@@ -125,7 +172,11 @@ def parallel_map(
     return result
 
 
-def explain(arrays, func, **kwargs) -> Plan:
+def explain(
+    arrays: ArrayLike | tuple[ArrayLike, ...],
+    func: KernelFunc,
+    **kwargs: Unpack[MapOptions],
+) -> Plan:
     """Return the plan ``parallel_map(arrays, func, **kwargs)`` would run, without running it.
 
     The plan prints as a short report: engine, kernel kind, chunking, workers,
