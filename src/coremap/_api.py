@@ -1,13 +1,14 @@
 """The front end: ``parallel_map`` and ``explain``."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from coremap import _fastpath
+from coremap import _containers, _fastpath
 from coremap._execute import execute
 from coremap._plan import Plan, make_plan
 from coremap._typing import Backend, KernelFunc, Schedule
@@ -127,7 +128,9 @@ def parallel_map(
     Returns
     -------
     ndarray
-        The results, in the broadcast shape (``out`` if given).
+        The results, in the broadcast shape (``out`` if given). Given a pandas
+        Series/DataFrame, an xarray DataArray, a masked array or a dask array,
+        the same kind of object (see the README's section on them).
 
     Raises
     ------
@@ -159,17 +162,30 @@ def parallel_map(
                 return result
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be True or False, got {progress!r}")
+    options = dict(dtype=dtype, vectorized=vectorized, backend=backend, workers=workers,
+                   chunk_size=chunk_size, schedule=schedule, timeout=timeout, retries=retries)
+    container = _containers.find(arrays if isinstance(arrays, tuple) else (arrays,))
+    if container is not None:  # pandas, xarray, masked or dask in: the same kind out
+        return _map_container(container, arrays, func, out, progress, options)
     plan = make_plan(
-        arrays, func, out=out, dtype=dtype, vectorized=vectorized, backend=backend,
-        workers=workers, chunk_size=chunk_size, schedule=schedule, timeout=timeout,
-        retries=retries,
-    )
+        arrays, func, out=out, **options)
     if plan.warning:
         warnings.warn(plan.warning, CoremapWarning, stacklevel=2)
     result = execute(plan, progress=progress)
     if key is not None:
         _fastpath.remember(key, plan, items)
     return result
+
+
+def _map_container(kind, arrays, func, out, progress, options):
+    """``parallel_map`` on the plain data of containers, rebuilt as ``kind`` (_containers.py)."""
+    _containers.check_out(kind, out)
+    items = arrays if isinstance(arrays, tuple) else (arrays,)
+    return _containers.map_containers(
+        kind, items,
+        lambda plain: parallel_map(plain, func, progress=progress, **options),
+        lambda plain: make_plan(plain, func, **options).out_dtype,
+    )
 
 
 def explain(
@@ -192,4 +208,11 @@ def explain(
     ...
     """
     kwargs.pop("progress", None)
-    return make_plan(arrays, func, **kwargs)
+    items = arrays if isinstance(arrays, tuple) else (arrays,)
+    container = _containers.find(items)
+    if container is None:
+        return make_plan(arrays, func, **kwargs)
+    _containers.check_out(container, kwargs.get("out"))
+    plan = make_plan(_containers.stand_ins(items), func, **kwargs)
+    reasons = type(plan.reasons)([*plan.reasons, _containers.describe(container)])
+    return dataclasses.replace(plan, reasons=reasons)
