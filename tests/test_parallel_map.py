@@ -312,13 +312,14 @@ def test_compiled_once_per_signature():
 
     x = make("float64", (100,))
     cm.parallel_map(x, f)
-    disp = _numba._dispatchers[f]
+    disp = _numba._state[f].dispatcher
     n_overloads = len(disp.overloads)
-    kernels = dict(_numba._kernels[f])
+    kernels = dict(_numba._state[f].kernels)
     for _ in range(5):
         cm.parallel_map(x, f)
+    assert _numba._state[f].dispatcher is disp
     assert len(disp.overloads) == n_overloads
-    assert _numba._kernels[f] == kernels
+    assert _numba._state[f].kernels == kernels
     cm.parallel_map(x.astype(np.float32), f)
     assert len(disp.overloads) == n_overloads + 1
 

@@ -10,6 +10,12 @@ build a key, allocate the output and run the kernel.
 
 Anything unusual (``out=``, options, views, lists, a kernel error) takes the
 full path, which also produces the error messages.
+
+A compiled function that reads globals is checked on every call, here too:
+``entry.watch.current()`` is False once a global number it read changed or a
+name it read was rebound, and the call then takes the full path, which
+compiles it again (``_kernels/_rebuild.py``). Functions that read no globals
+(W1, W5) pay one ``is None`` test.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ _cache: dict = {}
 
 class _Entry:
     __slots__ = ("kind", "engine", "workers", "address", "meta", "dtype", "scalar_dtypes",
-                 "plan", "size", "shape", "ns_per_element")
+                 "plan", "size", "shape", "ns_per_element", "watch")
 
 
 def _key(func, items):
@@ -90,9 +96,11 @@ def remember(key, plan, items) -> None:
     e.scalar_dtypes = [None if type(i) is np.ndarray else inp.dtype
                        for i, inp in zip(items, plan.inputs)]
     e.address = None
+    e.watch = None
     if plan.kind == "numba":
         from coremap._kernels import _numba
 
+        e.watch = _numba.watch_of(plan.func, len(plan.in_dtypes))
         classes = "".join("c" if d is None else "s" for d in e.scalar_dtypes) + "c"
         e.address = _numba.kernel_address(plan.func, plan.in_dtypes, plan.out_dtype, classes)
     elif plan.kind == "builtin":
@@ -117,6 +125,8 @@ def run(entry, func, items):
         if entry.engine == "serial":
             return func(*items)
         return None
+    if entry.watch is not None and not entry.watch.current():
+        return None  # a global it read has changed: the full path compiles it again
     if entry.kind == "builtin":
         items = (items[0], func.a, func.b)
     arrays = tuple(

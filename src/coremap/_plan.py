@@ -136,16 +136,27 @@ def _ufunc_result_dtype(ufunc: np.ufunc, inputs: list[Input]) -> np.dtype:
     return np.asarray(res).dtype
 
 
+def _ufunc_kind(func, inputs):
+    """A NumPy ufunc, or a ``@numba.vectorize``/``@guvectorize`` one, run on chunks."""
+    name = getattr(func, "__name__", repr(func))
+    if func.nin != len(inputs):
+        raise TypeError(f"{name} takes {func.nin} inputs, got {len(inputs)}")
+    if func.nout != 1:
+        raise TypeError(f"{name} has {func.nout} outputs; parallel_map supports one")
+    core = getattr(getattr(func, "gufunc_builder", None), "signature", None)
+    if core is not None and core.replace("()", "").strip(",->") != "":
+        raise TypeError(f"{name} is a generalized ufunc with core dimensions {core!r}; "
+                        "parallel_map applies element-wise functions (signature '(),()->()')")
+    what = "a NumPy ufunc" if isinstance(func, np.ufunc) else "a @numba.vectorize ufunc"
+    return "ufunc", _ufunc_result_dtype(func, inputs), what, None
+
+
 def _resolve_kind(func, inputs, vectorized):
-    """Kernel kind, result dtype (or None) and a reason, for ``func`` on ``inputs``."""
+    """Kernel kind, result dtype (or None), reasons and (for "python") why not compiled."""
     if vectorized:
         return "vectorized", None, "vectorized=True: the function gets whole chunks", None
     if isinstance(func, np.ufunc):
-        if func.nin != len(inputs):
-            raise TypeError(f"{func.__name__} takes {func.nin} inputs, got {len(inputs)}")
-        if func.nout != 1:
-            raise TypeError(f"{func.__name__} has {func.nout} outputs; parallel_map supports one")
-        return "ufunc", _ufunc_result_dtype(func, inputs), "a NumPy ufunc", None
+        return _ufunc_kind(func, inputs)
     if isinstance(func, Affine):
         if len(inputs) != 1:
             raise TypeError(f"affine takes one input, got {len(inputs)}")
@@ -153,12 +164,23 @@ def _resolve_kind(func, inputs, vectorized):
         return "builtin", dt, "a built-in kernel, compiled at install", None
     from coremap._kernels import _numba
 
+    if _numba.is_numba_ufunc(func):
+        return _ufunc_kind(func, inputs)
+    why_not = _numba.not_compilable_reason(func)
+    if why_not is not None:
+        return "python", None, "not a function Numba compiles", why_not
     in_dtypes = tuple(i.dtype for i in inputs)
     try:
         _, dt = _numba.resolve(func, in_dtypes)
     except _numba.NotCompilable as exc:
         return "python", None, "Numba cannot compile it in nopython mode", str(exc)
-    return "numba", dt, "Numba compiled it in nopython mode for these dtypes", None
+    shape = np.broadcast_shapes(*(i.array.shape for i in inputs))
+    mismatch = _numba.guard(func, in_dtypes, dt, inputs, shape)
+    if mismatch is not None:
+        return "python", None, "the compiled kernel disagrees with Python", mismatch
+    why = ["Numba compiled it in nopython mode for these dtypes",
+           *_numba.notes(func, in_dtypes)]
+    return "numba", dt, why, None
 
 
 def make_plan(
@@ -230,7 +252,10 @@ def make_plan(
         )
     out_dtype = requested if requested is not None else result
     size = math.prod(shape)
-    reasons = [f"{_func_name(func)}: {why_kind}"]
+    if isinstance(why_kind, list):  # a compiled function: the first reason, then notes
+        reasons = [f"{_func_name(func)}: {why_kind[0]}", *why_kind[1:]]
+    else:
+        reasons = [f"{_func_name(func)}: {why_kind}"]
     warning = None
 
     native = kind in ("builtin", "numba")
@@ -248,9 +273,8 @@ def make_plan(
                 f"{size} elements of a GIL-holding function: too few for worker processes"
             )
             warning = (
-                f"Numba could not compile {_func_name(func)} ({numba_error}); it runs as "
-                "plain Python in worker processes. Pass backend='processes' to silence "
-                "this warning."
+                f"{numba_error}. It runs as plain Python in worker processes; pass "
+                "backend='processes' to silence this warning."
             )
         elif workers == 1:
             engine = "serial"
@@ -272,8 +296,7 @@ def make_plan(
         if engine == "threads" and kind == "python":
             reasons.append("note: a function that holds the GIL does not speed up on threads")
         if engine == "processes" and kind == "python":
-            reasons.append(f"Numba could not compile it ({numba_error}): plain Python in "
-                           "each worker")
+            reasons.append(f"{numba_error}: plain Python in each worker")
     if engine == "serial":
         workers = 1
         if timeout is not None:

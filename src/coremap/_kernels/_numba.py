@@ -1,7 +1,12 @@
 """Numba: a user's scalar function, compiled into a GIL-free chunk kernel.
 
+    f ──_rebuild──> a copy reading globals as Python does, helpers jitted, checked math
+      ──njit(nogil, error_model="python")──> jitted f for the call's dtypes (resolve)
+      ──_guard──> agrees with Python on sampled elements? (else: run as Python)
+      ──generated cfunc──> the chunk kernel the Cython runner calls (kernel_address)
+
 For the dtypes of a call, the scalar function ``f`` is compiled with
-``njit(nogil=True, error_model="numpy")`` and then wrapped in a generated
+``njit(nogil=True, error_model="python")`` and then wrapped in a generated
 ``numba.cfunc`` that follows the runner's calling convention (see
 ``_runner.pxd``): the Cython runner calls its address with no GIL held. The
 wrapper is specialised on each operand's *stride class*:
@@ -20,26 +25,37 @@ own kernels (and nothing else). A ``try``/``except`` in the generated kernel
 would avoid the report, but measured it tripled the compile time (0.12 s ->
 0.47 s for W2), against the 0.5 s first-call budget in BENCHMARKS.md.
 
+Python's error model (division by zero raises) cost nothing measurable on
+W1-W3, which divide by nothing: the check sits on the division itself.
+
+float16, which Numba lacks, is computed in float32 and stored as float16 (as
+NumPy's ufuncs do): the kernel reads and writes its bits (``_half.py``).
+
 Kernels are ``parallel=False``: parallelism is coremap's, never Numba's.
-Compiled kernels are cached in memory per (function, dtypes, stride classes);
+Compiled kernels are cached in memory per (function, dtypes, stride classes),
+for as long as the globals the function read keep their values (``_rebuild.Watch``);
 nothing is compiled twice for the same call signature.
+
+Builtins (``abs``, ``round``, ``math.sin``) are compiled through a one-line
+wrapper; ``@njit`` functions are used as they are. Callable objects, bound
+methods and partials are no functions Numba compiles: ``not_compilable_reason``.
 """
 from __future__ import annotations
 
+import functools
+import math
 import sys
 import threading
+import types
 import weakref
 
 import numpy as np
 
+from coremap._kernels import _diagnose, _guard, _rebuild
+
 _lock = threading.RLock()
-# function -> {(in dtypes, out dtype, stride classes): cfunc}; weak, so a
-# discarded function frees its machine code with it.
-_kernels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# function -> {in dtypes: (jitted function, result dtype)}
-_signatures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# function -> njit dispatcher (for functions that are not dispatchers already)
-_dispatchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_F16 = np.dtype(np.float16)
+_F32 = np.dtype(np.float32)
 
 _BIG = 1 << 62  # nominal carray length: indices are unchecked, the planner bounds them
 
@@ -101,64 +117,217 @@ def _numba():
     return numba
 
 
-def _dispatcher(func):
-    numba = _numba()
-    if isinstance(func, numba.core.dispatcher.Dispatcher):
+# -- which callables compile -----------------------------------------------------------
+
+def is_numba_ufunc(func) -> bool:
+    """A ``@numba.vectorize`` (DUFunc) or ``@numba.guvectorize`` (GUFunc) object."""
+    return type(func).__module__.startswith("numba.np.ufunc") and hasattr(func, "nin")
+
+
+def is_dispatcher(func) -> bool:
+    """An ``@numba.njit`` function: compiled as the user asked, Numba's semantics."""
+    return type(func).__module__.startswith("numba") and hasattr(func, "py_func")
+
+
+def not_compilable_reason(func) -> str | None:
+    """Why ``func`` is no function Numba compiles (None when it may compile)."""
+    if is_dispatcher(func) or _rebuild.is_plain_function(func) or _is_builtin(func):
+        return None
+    if isinstance(func, functools.partial):
+        what = "a functools.partial"
+    elif isinstance(func, types.MethodType):
+        what = "a bound method"
+    elif isinstance(func, types.FunctionType):
+        what = "a generator or coroutine function"
+    elif isinstance(func, type):
+        what = f"the class {func.__qualname__}"
+    elif isinstance(func, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        what = f"the built-in {getattr(func, '__qualname__', func)!r} of a C module"
+    else:
+        what = f"a callable {type(func).__name__} object"
+    return (f"Numba compiles plain functions only, and {_name(func)} is {what} (wrap the "
+            "computation in a def, or pass backend='processes')")
+
+
+def _is_builtin(func) -> bool:
+    """A builtin or ``math`` function Numba knows (abs, round, min, math.sin, int, ...)."""
+    if isinstance(func, (types.BuiltinFunctionType, type)):
+        return getattr(func, "__module__", None) in ("builtins", "math", "cmath", "_operator",
+                                                      "operator")
+    return False
+
+
+_wrappers: dict = {}  # (builtin, number of inputs) -> plain function calling it
+
+
+def _target(func, nin: int):
+    """What gets compiled for ``func``: itself, or for a builtin a function calling it."""
+    if not _is_builtin(func):
         return func
-    disp = _dispatchers.get(func)
-    if disp is None:
-        disp = numba.njit(nogil=True, error_model="numpy")(func)
-        _dispatchers[func] = disp
-    return disp
+    key = (func, nin)
+    wrapper = _wrappers.get(key)
+    if wrapper is None:
+        args = ", ".join(f"a{k}" for k in range(nin))
+        ns = {"target": func}
+        exec(f"def wrapper({args}):\n    return target({args})\n", ns)  # generated
+        wrapper = ns["wrapper"]
+        wrapper.__name__ = wrapper.__qualname__ = getattr(func, "__name__", "builtin")
+        _wrappers[key] = wrapper
+    return wrapper
+
+
+def _name(func) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    return name if isinstance(name, str) else repr(func)
+
+
+# -- compiling -------------------------------------------------------------------------
+
+class _Compiled:
+    """One user function compiled under the globals it read (see ``_rebuild.Watch``)."""
+
+    __slots__ = ("dispatcher", "watch", "signatures", "kernels", "verdicts", "own",
+                 "__weakref__")
+
+    def __init__(self, func) -> None:
+        numba = _numba()
+        self.own = not is_dispatcher(func)
+        if self.own:
+            self.dispatcher, self.watch = _rebuild.rebuild(
+                func, numba.njit(**_rebuild.JIT_OPTIONS))
+        else:  # the user's own @njit: compiled as they asked, globals as Numba reads them
+            self.dispatcher, self.watch = func, _rebuild.Watch()
+        self.signatures: dict = {}  # in dtypes -> (jitted, result dtype) or a failure text
+        self.kernels: dict = {}  # (in dtypes, out dtype, stride classes) -> cfunc
+        self.verdicts: dict = {}  # in dtypes -> None (guard passed) or the mismatch
+
+
+# function (or a builtin's wrapper) -> _Compiled; weak, so a discarded function
+# frees its machine code with it.
+_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(func, nin: int) -> _Compiled:
+    """``func``'s compiled state, rebuilt when a global it read has changed since."""
+    target = _target(func, nin)
+    st = _state.get(target)
+    if st is None or not st.watch.current():
+        with _lock:
+            st = _state.get(target)
+            if st is None or not st.watch.current():
+                st = _state[target] = _Compiled(target)
+    return st
+
+
+def watch_of(func, nin: int):
+    """The Watch the fast path checks before each call, or None when there is nothing."""
+    w = compiled(func, nin).watch
+    return None if w.empty else w
+
+
+def compute_dtype(dt: np.dtype) -> np.dtype:
+    """The dtype a kernel computes in: float16, which Numba lacks, as float32 (as NumPy)."""
+    return _F32 if dt == _F16 else dt
 
 
 def resolve(func, in_dtypes: tuple[np.dtype, ...]):
     """Compile ``func`` for ``in_dtypes``; return ``(jitted, result dtype)``.
 
+    The single compile entry point: the function is rebuilt so that it reads its
+    globals as Python does and calls compiled helpers (``_rebuild.py``), and
+    compiled with Python's error model (``ZeroDivisionError``, math domain errors).
+
     Raises
     ------
     NotCompilable
-        Numba cannot compile it in nopython mode; the message names Numba's error.
+        Numba cannot compile it in nopython mode; the message quotes Numba's cause.
     TypeError
         It compiles but does not return one number per element.
     """
     numba = _numba()
     from numba.np import numpy_support
 
+    st = compiled(func, len(in_dtypes))
     with _lock:
-        per_func = _signatures.setdefault(func, {})
-        hit = per_func.get(in_dtypes)
-        if isinstance(hit, NotCompilable):
-            raise hit  # a failed compile is remembered too: it costs milliseconds
+        hit = st.signatures.get(in_dtypes)
+        if isinstance(hit, str):
+            # a failed compile is remembered as its message (not the exception, whose
+            # traceback would keep Numba's compiler state alive): it costs milliseconds
+            raise NotCompilable(hit)
         if hit is not None:
             return hit
+        compute = tuple(compute_dtype(dt) for dt in in_dtypes)
         try:
-            types = tuple(numpy_support.from_dtype(dt) for dt in in_dtypes)
+            types_ = tuple(numpy_support.from_dtype(dt) for dt in compute)
         except (NotImplementedError, numba.core.errors.NumbaError) as exc:
             raise NotCompilable(f"Numba does not support dtypes {in_dtypes}: {exc}") from exc
-        disp = _dispatcher(func)
+        disp = st.dispatcher
         try:
-            disp.compile(types)
+            disp.compile(types_)
         except Exception as exc:  # TypingError, UnsupportedError, LoweringError, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            failure = NotCompilable(f"{type(exc).__name__}: {first}")
-            per_func[in_dtypes] = failure
-            raise failure from exc
-        rtype = disp.overloads[types].signature.return_type
+            text = _diagnose.explain(exc, _name(func))
+            st.signatures[in_dtypes] = text
+            raise NotCompilable(text) from None
+        rtype = disp.overloads[types_].signature.return_type
         if not isinstance(rtype, (numba.types.Number, numba.types.Boolean)):
-            name = getattr(func, "__name__", repr(func))
             raise TypeError(
-                f"{name} returns {rtype} for inputs of dtype "
+                f"{_name(func)} returns {rtype} for inputs of dtype "
                 f"{', '.join(str(d) for d in in_dtypes)}; parallel_map needs a function that "
                 "returns one number per element (use vectorized=True for chunk functions)"
             )
-        result = (disp, numpy_support.as_dtype(rtype))
-        per_func[in_dtypes] = result
-        return result
+        result = numpy_support.as_dtype(rtype)
+        if result == _F32 and _F16 in in_dtypes and _F32 not in in_dtypes:
+            result = _F16  # NumPy's rule: float16 in, float16 out (computed in float32)
+        st.signatures[in_dtypes] = (disp, result)
+        return disp, result
 
 
-def _source(nin: int, classes: str) -> str:
-    """Python source of the chunk kernel for ``nin`` inputs and one output."""
+def guard(func, in_dtypes, out_dtype, inputs, shape) -> str | None:
+    """The semantic guard's verdict for (func, dtypes): None, or the mismatch (cached)."""
+    st = compiled(func, len(in_dtypes))
+    if not st.own:
+        return None  # an @njit function: Numba's semantics were asked for
+    with _lock:
+        if in_dtypes in st.verdicts:
+            return st.verdicts[in_dtypes]
+    if math.prod(shape) == 0:
+        return None  # nothing to compare: judged on the first call with elements
+    jitted, _ = resolve(func, in_dtypes)
+    verdict = _guard.check(func, jitted, _name(func), in_dtypes, out_dtype, inputs, shape,
+                           compute_dtype)
+    with _lock:
+        st.verdicts[in_dtypes] = verdict
+    return verdict
+
+
+def notes(func, in_dtypes) -> list[str]:
+    """What ``explain`` says about how ``func`` was compiled."""
+    st = compiled(func, len(in_dtypes))
+    if not st.own:
+        return ["an @numba.njit function: run as compiled, with its own options"]
+    w = st.watch
+    out = ["Python's error model: division by zero raises ZeroDivisionError, "
+           "math domain errors raise ValueError"]
+    if st.verdicts.get(in_dtypes, 1) is None:
+        out.append("semantic guard passed: the kernel agrees with Python on sampled "
+                   "elements (first and last included)")
+    if w.helpers:
+        out.append(f"helpers compiled too: {', '.join(w.helpers)}")
+    tracked = [*(f"{n} (number: recompiled when it changes)" for n in w.scalars),
+               *(f"{n} (array: read by reference)" for n in w.arrays)]
+    if tracked:
+        out.append(f"globals tracked: {', '.join(tracked)}")
+    if _F16 in in_dtypes:
+        out.append("float16 computed in float32 and stored as float16, as NumPy does")
+    return out
+
+
+def _source(nin: int, classes: str, halves: str = "") -> str:
+    """Python source of the chunk kernel for ``nin`` inputs and one output.
+
+    ``halves[k] == "h"`` marks a float16 operand: read and written as its bits.
+    """
+    halves = halves or "-" * (nin + 1)
     out = nin
     lines = ["def kernel(ptrs, meta, lo, hi):", "    C = meta[0]"]
     for k in range(nin + 1):
@@ -167,7 +336,7 @@ def _source(nin: int, classes: str) -> str:
             f"    off{k} = meta[{1 + 3 * k}]; rs{k} = meta[{2 + 3 * k}]; cs{k} = meta[{3 + 3 * k}]"
         )
         if classes[k] == "s":
-            lines.append(f"    v{k} = a{k}[off{k}]")
+            lines.append(f"    v{k} = {'h2f' if halves[k] == 'h' else ''}(a{k}[off{k}])")
     lines += [
         "    r = lo // C",
         "    c0 = lo - r * C",
@@ -182,11 +351,15 @@ def _source(nin: int, classes: str) -> str:
             args.append(f"v{k}")
             continue
         lines.append(f"        b{k} = off{k} + r * rs{k}")
-        args.append(f"a{k}[b{k} + c]" if cls == "c" else f"a{k}[b{k} + c * cs{k}]")
+        arg = f"a{k}[b{k} + c]" if cls == "c" else f"a{k}[b{k} + c * cs{k}]"
+        args.append(f"h2f({arg})" if halves[k] == "h" and k != out else arg)
     target = args.pop(out)
+    call = f"fn({', '.join(args)})"
+    if halves[out] == "h":
+        call = f"f2h({call})"
     lines += [
         "        for c in range(c0, cend):",
-        f"            {target} = fn({', '.join(args)})",
+        f"            {target} = {call}",
         "        i += cend - c0",
         "        r += 1",
         "        c0 = 0",
@@ -198,33 +371,39 @@ def _source(nin: int, classes: str) -> str:
 def kernel_address(func, in_dtypes, out_dtype, classes: str) -> int:
     """Address of the cfunc chunk kernel (compiled once per signature and classes)."""
     key = (in_dtypes, out_dtype, classes)
+    st = compiled(func, len(in_dtypes))
     with _lock:
-        per_func = _kernels.setdefault(func, {})
-        cf = per_func.get(key)
+        cf = st.kernels.get(key)
         if cf is None:
             cf = _build(func, in_dtypes, out_dtype, classes)
-            per_func[key] = cf
+            st.kernels[key] = cf
         return cf.address
 
 
 def _build(func, in_dtypes, out_dtype, classes):
     numba = _numba()
-    from numba import types
+    from numba import types as nt
+
+    from coremap._kernels import _half
 
     _install_hook()
     jitted, _ = resolve(func, in_dtypes)
     ns = {"carray": numba.carray, "BIG": _BIG, "fn": jitted}
+    halves = ""
     for k, dt in enumerate((*in_dtypes, out_dtype)):
-        ns[f"dt{k}"] = dt
-    exec(_source(len(in_dtypes), classes), ns)  # generated source: see _source
-    sig = types.int64(types.CPointer(types.voidptr), types.CPointer(types.int64),
-                      types.int64, types.int64)
+        half = dt == _F16
+        halves += "h" if half else "-"
+        ns[f"dt{k}"] = np.dtype(np.uint16) if half else dt
+    if "h" in halves:
+        ns["h2f"], ns["f2h"] = _half.h2f(), _half.f2h()
+    exec(_source(len(in_dtypes), classes, halves), ns)  # generated source: see _source
+    sig = nt.int64(nt.CPointer(nt.voidptr), nt.CPointer(nt.int64), nt.int64, nt.int64)
     try:
         return numba.cfunc(sig, nopython=True, nogil=True, error_model="numpy")(ns["kernel"])
     except Exception as exc:  # e.g. a result that cannot be stored into out's dtype
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TypeError(
-            f"cannot store the result of {getattr(func, '__name__', func)!r} into dtype "
+            f"cannot store the result of {_name(func)!r} into dtype "
             f"{out_dtype}: {first}"
         ) from exc
 
@@ -236,9 +415,10 @@ def first_failure(func, in_dtypes, getters, lo: int, hi: int):
     Returns ``None`` if no element raises this time.
     """
     jitted, _ = resolve(func, in_dtypes)
+    casts = [compute_dtype(dt).type for dt in in_dtypes]
     for i in range(lo, hi):
         try:
-            jitted(*[get(i) for get in getters])
+            jitted(*[cast(get(i)) for cast, get in zip(casts, getters)])
         except Exception as exc:
             return i, exc
     return None

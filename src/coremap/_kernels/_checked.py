@@ -1,0 +1,134 @@
+"""Python's math errors inside compiled code: ``math`` functions that raise as CPython's do.
+
+Numba compiles ``math.sqrt(-1.0)`` to the C library's answer, ``nan``; CPython
+raises ``ValueError: math domain error``. When coremap compiles a user's
+function it swaps the ``math`` module it sees (and functions imported from it)
+for :func:`module`, whose functions call the same C function and then apply
+CPython's own rule (``Modules/mathmodule.c``, ``math_1``):
+
+* a NaN result from arguments that are not NaN -> ``ValueError("math domain error")``;
+* an infinite result from finite arguments -> ``OverflowError("math range error")``
+  for functions that can overflow (``exp``, ``cosh``, ...), else ``ValueError``
+  (a pole: ``log(0.0)``, ``atanh(1.0)``).
+
+Everything else in ``math`` (constants, ``floor``, ``isnan``...) is passed
+through unchanged. The checks are two compares after each call.
+"""
+from __future__ import annotations
+
+import math
+import types
+
+# name -> can overflow (CPython's ``can_overflow`` flag; False means an infinite
+# result from a finite argument is a pole, ValueError)
+_ONE_ARG = {
+    "sqrt": False, "log2": False, "log10": False, "log1p": False,
+    "acos": False, "asin": False, "acosh": False, "atanh": False,
+    "sin": False, "cos": False, "tan": False,
+    "exp": True, "expm1": True, "cosh": True, "sinh": True,
+}
+# functions that CPython checks on two arguments (both finite -> finite result)
+_TWO_ARG = {"fmod": False, "hypot": True, "remainder": False}
+
+_SOURCE_ONE = """
+def {name}(x):
+    return _check1(x, math.{name}(x), {overflow})
+"""
+_SOURCE_TWO = """
+def {name}(x, y):
+    return _check2(x, y, math.{name}(x, y), {overflow})
+"""
+
+_module = None
+
+
+def _check1(x, r, can_overflow):
+    if math.isnan(r):
+        if not math.isnan(x):
+            raise ValueError("math domain error")
+    elif math.isinf(r) and math.isfinite(x):
+        if can_overflow:
+            raise OverflowError("math range error")
+        raise ValueError("math domain error")
+    return r
+
+
+def _check2(x, y, r, can_overflow):
+    if math.isnan(r):
+        if not (math.isnan(x) or math.isnan(y)):
+            raise ValueError("math domain error")
+    elif math.isinf(r) and math.isfinite(x) and math.isfinite(y):
+        if can_overflow:
+            raise OverflowError("math range error")
+        raise ValueError("math domain error")
+    return r
+
+
+def _log(x, base=None):
+    r = _check1(x, math.log(x), False)
+    if base is not None:  # pruned at compile time when there is no base
+        r = r / _check1(base, math.log(base), False)  # log(x, 1.0): ZeroDivisionError
+    return r
+
+
+def _pow(x, y):
+    r = math.pow(x, y)
+    if math.isinf(r) and math.isfinite(x) and math.isfinite(y):
+        if x == 0.0:
+            raise ValueError("math domain error")
+        raise OverflowError("math range error")
+    return _check2(x, y, r, True)
+
+
+def _gamma(x):
+    if math.isfinite(x) and x <= 0 and x == math.floor(x):
+        raise ValueError("math domain error")
+    return _check1(x, math.gamma(x), True)
+
+
+def _lgamma(x):
+    if math.isfinite(x) and x <= 0 and x == math.floor(x):
+        raise ValueError("math domain error")
+    return _check1(x, math.lgamma(x), True)
+
+
+def module() -> types.ModuleType:
+    """The checked ``math`` module (built once): compiled lazily, per argument type."""
+    global _module
+    if _module is not None:
+        return _module
+    import numba
+
+    jit = numba.njit(nogil=True, error_model="python")
+    ns = {"math": math}
+    ns["_check1"] = jit(_check1)
+    ns["_check2"] = jit(_check2)
+    for name, overflow in _ONE_ARG.items():
+        exec(_SOURCE_ONE.format(name=name, overflow=overflow), ns)  # generated: see above
+    for name, overflow in _TWO_ARG.items():
+        exec(_SOURCE_TWO.format(name=name, overflow=overflow), ns)
+    mod = types.ModuleType("math", "math, with CPython's domain and range errors")
+    for name in dir(math):
+        if not name.startswith("_"):
+            setattr(mod, name, getattr(math, name))
+    for name in (*_ONE_ARG, *_TWO_ARG):
+        ns[name].__qualname__ = f"math.{name}"
+        setattr(mod, name, jit(ns[name]))
+    for name, fn in (("log", _log), ("pow", _pow), ("gamma", _gamma), ("lgamma", _lgamma)):
+        glob = {"math": math, "_check1": ns["_check1"], "_check2": ns["_check2"]}
+        setattr(mod, name, jit(types.FunctionType(fn.__code__, glob, name, fn.__defaults__)))
+    _module = mod
+    return mod
+
+
+def checked(value):
+    """The checked stand-in for ``value`` (the ``math`` module or one of its functions)."""
+    if value is math:
+        return module()
+    name = getattr(value, "__name__", None)
+    if getattr(value, "__module__", None) == "math" and name in _CHECKED_NAMES:
+        return getattr(module(), name)
+    return value
+
+
+_CHECKED_NAMES = frozenset((*_ONE_ARG, *_TWO_ARG, "log", "pow", "gamma", "lgamma"))
