@@ -9,6 +9,7 @@ from coremap import kernels
 from coremap._api import CoremapWarning, explain, parallel_map
 from coremap._config import config
 from coremap._errors import RemoteError, WorkerCrashedError
+from coremap._insights import Insights
 from coremap._plan import Plan
 from coremap.pool import Pool
 from coremap.shared import SharedArray, SharedLock, cleanup_stale
@@ -31,6 +32,7 @@ __all__ = [
     "config",
     "kernels",
     "Plan",
+    "Insights",
     "CoremapWarning",
     "WorkerCrashedError",
     "RemoteError",

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from coremap import _containers, _fastpath
+from coremap import _config, _containers, _fastpath, _insights
 from coremap._execute import execute
+from coremap._insights import Insights
 from coremap._plan import Plan, make_plan
 from coremap._typing import Backend, KernelFunc, Schedule
 
@@ -191,13 +192,22 @@ def _map_container(kind, arrays, func, out, progress, options):
 def explain(
     arrays: ArrayLike | tuple[ArrayLike, ...],
     func: KernelFunc,
+    *,
+    run: bool = False,
     **kwargs: Unpack[MapOptions],
-) -> Plan:
+) -> Plan | Insights:
     """Return the plan ``parallel_map(arrays, func, **kwargs)`` would run, without running it.
 
     The plan prints as a short report: engine, kernel kind, chunking, workers,
     and the reasons for each choice. It validates the call like
     ``parallel_map`` (and compiles a scalar function, which is then cached).
+
+    With ``run=True`` the call runs too, and an :class:`~coremap.Insights`
+    comes back: the plan and what happened (wall, planning, Numba compile and
+    run time, elements per second, each worker's chunks, elements and busy
+    time, the imbalance between workers, and for processes the bytes moved);
+    it prints the same way, its fields are plain data, and ``.result`` holds
+    what ``parallel_map`` returned (a dask result is computed, in this thread).
 
     Examples
     --------
@@ -207,6 +217,8 @@ def explain(
       engine   : serial (1 worker)
     ...
     """
+    if run:
+        return _explain_run(arrays, func, kwargs)
     kwargs.pop("progress", None)
     items = arrays if isinstance(arrays, tuple) else (arrays,)
     container = _containers.find(items)
@@ -216,3 +228,25 @@ def explain(
     plan = make_plan(_containers.stand_ins(items), func, **kwargs)
     reasons = type(plan.reasons)([*plan.reasons, _containers.describe(container)])
     return dataclasses.replace(plan, reasons=reasons)
+
+
+def _explain_run(arrays, func, kwargs) -> Insights:
+    """``explain(..., run=True)``: the call, run under a recorder (``_insights.py``)."""
+    progress = kwargs.pop("progress", False)
+    if kwargs.get("workers") is None:  # explicit workers: the full path, where the hook is
+        kwargs["workers"] = _config.default_workers()
+    if _containers.find(arrays if isinstance(arrays, tuple) else (arrays,)) is None:
+        def run_call(plan):
+            if plan.warning:
+                warnings.warn(plan.warning, CoremapWarning, stacklevel=4)
+            return execute(plan, progress=progress)
+
+        return _insights.run(lambda: make_plan(arrays, func, **kwargs), run_call)
+
+    def run_container(plan):
+        result = parallel_map(arrays, func, progress=progress, **kwargs)
+        if _containers.kind_of(result) == "dask":
+            result = result.compute(scheduler="synchronous")
+        return result
+
+    return _insights.run(lambda: explain(arrays, func, **kwargs), run_container)

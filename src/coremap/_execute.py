@@ -21,6 +21,7 @@ import weakref
 import numpy as np
 
 from coremap import _layout
+from coremap._insights import observed
 from coremap._kernels import _runner
 from coremap._tasks import (
     Errors,
@@ -140,11 +141,11 @@ def execute(plan, progress: bool = False) -> np.ndarray:
     errors = Errors()
     job = new_job(plan)
     if native:
-        address = native_kernel(plan, space)
-        job.set_kernel(address, space.base_ptrs, space.meta(), space.views)
-        task = native_task()
+        address, meta = native_kernel(plan, space), space.meta()
+        job.set_kernel(address, space.base_ptrs, meta, space.views)
+        task = observed(native_task(), job, (address, space.base_ptrs, meta))
     else:
-        task = python_task(chunk_function(plan, space, errors), errors)
+        task = observed(python_task(chunk_function(plan, space, errors), errors), job)
 
     on_progress, bar = _progress_bar(plan, progress)
     engine = get_engine(plan.engine)
