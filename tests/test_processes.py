@@ -36,8 +36,11 @@ def engine():
     return process_engine()
 
 
-def _segments():
-    return set(_shm.list_segments())
+def _segments(pid=None):
+    """The segments created by ``pid`` (this process by default): coremap processes
+    running beside the suite have their own."""
+    pid = os.getpid() if pid is None else pid
+    return {n for n in _shm.list_segments() if _shm.creator_pid(n) == pid}
 
 
 # -- results ---------------------------------------------------------------------------
@@ -263,9 +266,11 @@ def test_every_worker_killed_at_once(workers, engine):
     x = np.arange(50_000.0)
     cm.parallel_map(x[:10], dec2, backend="processes", workers=workers)
 
+    victims = engine.pids()[:workers]
+
     def killer():
         time.sleep(0.3)
-        for pid in engine.pids()[:workers]:
+        for pid in victims:
             os.kill(pid, signal.SIGKILL)
 
     import threading
@@ -280,6 +285,8 @@ def test_every_worker_killed_at_once(workers, engine):
     with pytest.raises(cm.WorkerCrashedError):
         cm.parallel_map(x, slow, backend="processes", workers=workers)
     t.join(10)
+    # the call may end on the first death it sees, before the killer's last kill lands
+    assert _wait_gone(victims, 5.0)
     np.testing.assert_array_equal(cm.parallel_map(x[:100], dec2, backend="processes",
                                                   workers=workers), 2 * x[:100])
 
@@ -415,7 +422,6 @@ def _start(tmp_path, mode):
 
 @pytest.mark.parametrize("target", ["group", "parent"])
 def test_ctrl_c_stops_processes(tmp_path, target):
-    before = _segments()
     proc, pids = _start(tmp_path, "busy")
     try:
         time.sleep(0.7)
@@ -433,7 +439,7 @@ def test_ctrl_c_stops_processes(tmp_path, target):
     assert proc.returncode == 3 and out.startswith("interrupted"), out
     assert elapsed < 3.0
     assert _wait_gone(pids, 2.0), "a worker outlived its parent"
-    assert _segments() <= before
+    assert _segments(proc.pid) == set()  # the interrupted call left nothing behind
 
 
 @pytest.mark.parametrize("mode", ["idle", "busy"])
@@ -499,3 +505,66 @@ def test_soak_with_worker_kills(engine):
     assert _fds() <= before_fds + 4
     assert _rss_mb() < before_rss + 64
     assert _segments() <= before_shm
+
+
+# -- the parent <-> worker protocol ------------------------------------------------------
+
+def test_replies_are_named_and_checked():
+    from coremap.engines import _messages as m
+
+    reply = m.Reply(m.DONE, 7)
+    assert m.check_reply(reply, 7, (m.DONE,)) is reply
+    err = m.Reply(m.ERROR, 7, error=m.ErrorInfo(0, 1, None, "builtins.SystemExit", "", "", []))
+    assert m.check_reply(err, 7, (m.DONE,)).error.exits
+    with pytest.raises(m.ProtocolError, match="answered task 6 while task 7"):
+        m.check_reply(m.Reply(m.DONE, 6), 7, (m.DONE,))
+    with pytest.raises(m.ProtocolError, match="'probed' reply"):
+        m.check_reply(m.Reply(m.PROBED, 7, np.float64), 7, (m.DONE,))
+    with pytest.raises(m.ProtocolError):
+        m.check_reply(("done", 7), 7, (m.DONE,))  # the old positional tuple
+
+
+def test_reply_for_another_task_is_a_protocol_error(engine):
+    """A stale reply in a worker's pipe is never taken for the current call's result."""
+    import pickle
+
+    from coremap.engines import _messages as m
+
+    x = np.arange(3000.0)
+    cm.parallel_map(x, dec2, backend="processes", workers=1)
+    w = engine._workers[0]
+    # a request behind the engine's back: its answer (for task 10**6) is out of step
+    import cloudpickle
+
+    w.conn.send_bytes(pickle.dumps(m.ProbeSpec(10**6, cloudpickle.dumps(dec2), "python",
+                                               "dec2", [False], [x[:4]])))
+    time.sleep(0.5)
+    with pytest.raises(m.ProtocolError, match="answered task 1000000"):
+        cm.parallel_map(x, lambda v: float(decimal.Decimal(v)) * 3, backend="processes",
+                        workers=1)
+    assert not w.process.is_alive()  # out of step: killed, replaced next call
+    np.testing.assert_array_equal(cm.parallel_map(x, dec2, backend="processes", workers=1),
+                                  2 * x)
+
+
+def test_worker_gone_before_send_is_worker_crashed(engine, monkeypatch):
+    """Item 15: a worker that dies between the liveness check and the send."""
+    x = np.arange(3000.0)
+    cm.parallel_map(x, dec2, backend="processes", workers=2)
+    victim = engine._workers[1]
+    real_ensure = type(engine)._ensure
+
+    def ensure_then_kill(self, n):
+        procs = real_ensure(self, n)
+        if victim.process.is_alive():  # dies after the check, before the send
+            os.kill(victim.process.pid, signal.SIGKILL)
+            victim.process.join(5)
+        return procs
+
+    monkeypatch.setattr(type(engine), "_ensure", ensure_then_kill)
+    with pytest.raises(cm.WorkerCrashedError, match="SIGKILL") as info:
+        cm.parallel_map(x, dec2, backend="processes", workers=2)
+    assert info.value.pid == victim.process.pid
+    monkeypatch.undo()
+    np.testing.assert_array_equal(cm.parallel_map(x, dec2, backend="processes", workers=2),
+                                  2 * x)

@@ -215,9 +215,11 @@ def _segment_of(view: np.ndarray, origin: np.ndarray | None = None):
     return None
 
 
-def _describe(view: np.ndarray, seg) -> tuple:
+def _describe(view: np.ndarray, seg):
+    from coremap.engines._messages import ViewDesc
+
     offset = view.__array_interface__["data"][0] - seg.address
-    return (seg.name, offset, view.shape, view.strides, view.dtype)
+    return ViewDesc(seg.name, offset, view.shape, view.strides, view.dtype)
 
 
 # (function, input dtypes) -> result dtype probed in a worker. A process round
@@ -238,6 +240,7 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
     but names, offsets, shapes and strides (and the function, once per worker)."""
     import cloudpickle
 
+    from coremap.engines._messages import CallSpec, JobParams, ProbeSpec
     from coremap.engines._processes import process_engine
 
     if plan.kind == "builtin":  # workers compile the same map with Numba
@@ -256,10 +259,10 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
             plan.out_dtype = _probed_dtype(plan)
         if plan.out_dtype is None:  # probed in a worker: the parent never runs user code
             t0 = time.monotonic()
-            plan.out_dtype = engine.probe({
-                "func": func_bytes, "kind": kind, "func_name": plan.func_name,
-                "scalars": [i.is_scalar for i in plan.inputs], "args": _probe_args(plan),
-            }, plan.shape, plan.order, plan.timeout)
+            plan.out_dtype = engine.probe(ProbeSpec(
+                task_id=-1, func=func_bytes, kind=kind, func_name=plan.func_name,
+                scalars=[i.is_scalar for i in plan.inputs], args=_probe_args(plan),
+            ), plan.shape, plan.order, plan.timeout)
             if plan.timeout is not None:
                 plan = dataclasses.replace(
                     plan, timeout=max(1e-3, plan.timeout - (time.monotonic() - t0)))
@@ -300,20 +303,21 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
                     views[k] = arr
         light = [inp if inp.is_scalar else _layout.Input(None, np.empty((), inp.dtype), False)
                  for inp in plan.inputs]
-        spec = {
-            "kind": kind, "func_bytes": func_bytes, "func_name": plan.func_name,
-            "shape": plan.shape, "order": plan.order, "inputs": light,
-            "in_dtypes": plan.in_dtypes, "out_dtype": plan.out_dtype,
-            "views": [None if s is None else _describe(v, s) for v, s in zip(views, segs)],
-        }
         timed = plan.schedule != "static"
-        job_params = (plan.size, plan.workers, plan.schedule, plan.chunk, plan.max_chunk,
-                      TARGET_CHUNK_NS if timed else 0,
-                      _first_chunk(plan) if timed else 0, FLOOR_CHUNK_NS if timed else 0)
+        job = JobParams(plan.size, plan.workers, plan.schedule, plan.chunk, plan.max_chunk,
+                        TARGET_CHUNK_NS if timed else 0,
+                        _first_chunk(plan) if timed else 0, FLOOR_CHUNK_NS if timed else 0)
+        # task_id, func_key, ctrl and keep are the engine's to fill in
+        spec = CallSpec(
+            task_id=-1, kind=kind, func=func_bytes, func_key="", func_name=plan.func_name,
+            shape=plan.shape, order=plan.order, inputs=light, in_dtypes=plan.in_dtypes,
+            out_dtype=plan.out_dtype,
+            views=[None if s is None else _describe(v, s) for v, s in zip(views, segs)],
+            job=job, ctrl=None, keep=frozenset(),
+        )
         on_progress, bar = _progress_bar(plan, progress)
         try:
-            engine.run(spec, procs, job_params, timeout=plan.timeout,
-                       on_progress=on_progress)
+            engine.run(spec, procs, timeout=plan.timeout, on_progress=on_progress)
         finally:
             if bar is not None:
                 bar.close()

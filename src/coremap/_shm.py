@@ -176,6 +176,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def creator_pid(name: str) -> int | None:
+    """The pid of the process that created segment ``name`` (None if not a coremap name)."""
+    parts = name[len(PREFIX):].split("_") if name.startswith(PREFIX) else []
+    if len(parts) != 2 or not parts[0].isdigit():
+        return None
+    return int(parts[0])
+
+
 def list_segments() -> list[str]:
     """Names of the coremap segments in /dev/shm."""
     try:

@@ -40,7 +40,7 @@ from multiprocessing.pool import MaybeEncodingError
 
 from coremap import _config, _shm
 from coremap._errors import WorkerCrashedError
-from coremap.engines._worker import EXITS
+from coremap.engines._messages import RESULT, STOP, InitSpec, TaskSpec
 
 __all__ = ["Pool", "AsyncResult", "SHARE_BYTES"]
 
@@ -331,7 +331,7 @@ class Pool:
 
         w = _Worker(len(self._workers))
         if self._init is not None:
-            w.conn.send_bytes(pickle.dumps(("init", {"func": self._init})))
+            w.conn.send_bytes(pickle.dumps(InitSpec(None, self._init)))
         self._counts[w] = 0
         return w
 
@@ -357,8 +357,7 @@ class Pool:
                 raise TypeError(f"cannot send the arguments of task {index} to the pool's "
                                 f"workers: {exc}") from exc
             keep = [seg] if seg is not None else []
-            tasks.append(({"func": func_bytes, "func_key": key, "args": data,
-                           "shared": info, "mode": mode, "share_bytes": SHARE_BYTES},
+            tasks.append((TaskSpec(None, func_bytes, key, data, info, mode, SHARE_BYTES),
                           result, index, keep))
         with self._lock:
             self._check_running()
@@ -497,7 +496,7 @@ class Pool:
                 self._dispatch()
                 if self._state == CLOSE and not self._tasks and not self._busy:
                     for w in self._workers:
-                        _send_quietly(w, None)
+                        _send_quietly(w, STOP)
                     return
                 conns = {w.conn: w for w in self._busy}
                 sentinels = {w.process.sentinel: w for w in self._workers}
@@ -521,10 +520,9 @@ class Pool:
             spec, result, index, keep = task = self._tasks.popleft()
             if result.ready():
                 continue  # its job already failed: skip the rest of it
-            spec = dict(spec, task=(id(result), index))
+            spec = spec._replace(task_id=(id(result), index))
             try:
-                w.conn.send_bytes(pickle.dumps(("task", spec),
-                                               protocol=pickle.HIGHEST_PROTOCOL))
+                w.conn.send_bytes(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
             except OSError:
                 self._tasks.appendleft(task)
                 continue
@@ -548,9 +546,9 @@ class Pool:
         if task is None:
             return
         _, result, index, keep = task
-        if reply[0] == "result":
+        if reply.kind == RESULT:
             try:
-                values = loads_shared(*reply[2], unlink=True)
+                values = loads_shared(*reply.value, unlink=True)
             except Exception as exc:
                 result._set(index, False, MaybeEncodingError(exc, "<result>"))
             else:
@@ -559,7 +557,7 @@ class Pool:
             from coremap.engines._processes import rebuild_error
 
             result._set(index, False, rebuild_error(reply))
-            if reply[5] in EXITS:
+            if reply.error.exits:
                 retire = True
         for seg in keep:  # argument segments: the worker is done with them
             seg.unlink()
@@ -588,7 +586,7 @@ class Pool:
                 return
             i = self._workers.index(w)
             if graceful:
-                _send_quietly(w, None)
+                _send_quietly(w, STOP)
                 w.process.join(2)
             w.kill()
             self._counts.pop(w, None)
@@ -623,7 +621,7 @@ def _pipe():
 def _shutdown(workers, wakeup_w) -> None:
     """Stop the workers (terminate, join, garbage collection and exit all end here)."""
     for w in list(workers):
-        _send_quietly(w, None)
+        _send_quietly(w, STOP)
     end = time.monotonic() + 1.0
     for w in list(workers):
         w.process.join(max(0.0, end - time.monotonic()))

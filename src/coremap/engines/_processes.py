@@ -37,11 +37,24 @@ import signal
 import threading
 import time
 from multiprocessing.connection import wait
+from typing import NamedTuple
 
 from coremap import _shm
 from coremap._errors import RemoteError, WorkerCrashedError
-from coremap._kernels import _runner
-from coremap.engines._worker import EXITS
+from coremap.engines._messages import (
+    DONE,
+    ERROR,
+    PROBED,
+    STOP,
+    CallSpec,
+    CtrlDesc,
+    ErrorInfo,
+    ProbeSpec,
+    ProtocolError,
+    Reply,
+    Setup,
+    check_reply,
+)
 
 CTRL_STATE = 0
 CTRL_SLOTS = 128  # slots start here: 16 bytes (lo, hi) per worker
@@ -73,23 +86,23 @@ class _RemoteTraceback(Exception):
         return self.tb
 
 
-def rebuild_error(reply) -> BaseException:
+def rebuild_error(reply: Reply) -> BaseException:
     """The exception a worker reported: itself if it unpickles, else a RemoteError.
 
     The worker's traceback is chained as ``__cause__``. ``SystemExit`` and
     ``KeyboardInterrupt`` become RemoteError: a worker's exit must not stop
     the calling process.
     """
-    _, _, lo, hi, payload, type_name, message, tb, notes = reply
+    err: ErrorInfo = reply.error
     exc = None
-    if payload is not None and type_name not in EXITS:
+    if err.payload is not None and not err.exits:
         try:
-            exc = pickle.loads(payload)
+            exc = pickle.loads(err.payload)
         except Exception:
             exc = None
     if exc is None:
-        exc = RemoteError(type_name, message, tb)
-    exc.__cause__ = _RemoteTraceback(tb)
+        exc = RemoteError(err.type_name, err.message, err.traceback)
+    exc.__cause__ = _RemoteTraceback(err.traceback)
     return exc
 
 
@@ -128,7 +141,7 @@ class _Process:
         from multiprocessing.connection import Connection
 
         self.conn = Connection(ours.detach())
-        self.conn.send_bytes(pickle.dumps({"sys_path": list(sys.path)}))
+        self.conn.send_bytes(pickle.dumps(Setup(list(sys.path))))
         try:
             self.sentinel = os.pidfd_open(self.pid)
         except (AttributeError, OSError):  # pragma: no cover - no pidfd: the socket's EOF
@@ -173,6 +186,14 @@ class _Worker:
         self.process.kill()
         self.process.join(5)
         self.process.close()
+
+
+class _Info(NamedTuple):
+    """What error messages need to know of a call that has no CallSpec (the probe)."""
+
+    func_name: str
+    shape: tuple
+    order: str
 
 
 class _Slots:
@@ -304,68 +325,80 @@ class ProcessEngine:
         with self._lock:
             return self._ensure(workers)
 
-    def run(self, spec: dict, procs, job_params, timeout=None, on_progress=None):
-        """Run one call on the workers from ``prepare``; raise the first failure."""
-        import cloudpickle
+    def run(self, spec: CallSpec, procs, timeout=None, on_progress=None) -> None:
+        """Run one call on the workers from ``prepare``; raise the first failure.
+
+        ``spec`` is the call's CallSpec; its ``task_id``, ``ctrl``, ``keep`` and
+        ``func_key`` are filled in here.
+        """
+        import numpy as np
 
         with self._lock:
             ctrl = self.pool.take(CTRL_SLOTS + 16 * len(procs))
-            job = _runner.Job(*job_params[:5], target_ns=job_params[5],
-                              first_chunk=job_params[6], floor_ns=job_params[7],
-                              state=ctrl.address + CTRL_STATE, init=True, state_owner=ctrl)
-            slots = [ctrl.address + CTRL_SLOTS + 16 * w.index for w in procs]
-            import numpy as np
-
+            job = spec.job.job(state=ctrl.address + CTRL_STATE, init=True, state_owner=ctrl)
             slot_view = np.ndarray((len(procs), 2), np.int64, buffer=ctrl.mmap,
                                    offset=CTRL_SLOTS)
             slot_view[:] = -1
-            func_bytes = spec.pop("func_bytes")
-            spec["func"] = func_bytes
-            spec["func_key"] = hashlib.blake2b(func_bytes, digest_size=16).hexdigest()
-            spec["call_id"] = next(self._ids)
-            spec["job"] = tuple(job_params)
-            spec["keep"] = set(self.pool.names())
-            sent = 0
+            spec = spec._replace(
+                task_id=next(self._ids), keep=frozenset(self.pool.names()),
+                func_key=hashlib.blake2b(spec.func, digest_size=16).hexdigest())
+            sent, started = 0, []
             try:
-                for w, slot in zip(procs, slots):
-                    spec["ctrl"] = (ctrl.name, CTRL_STATE, slot - ctrl.address)
-                    data = pickle.dumps(("call", spec), protocol=pickle.HIGHEST_PROTOCOL)
+                for w in procs:
+                    msg = spec._replace(ctrl=CtrlDesc(ctrl.name, CTRL_STATE,
+                                                      CTRL_SLOTS + 16 * w.index))
+                    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
                     sent += len(data)
-                    w.conn.send_bytes(data)
+                    try:
+                        self._send(w, data, slot_view, spec)
+                    except BaseException:
+                        # the workers that got the call must answer it (or go) before
+                        # the next call, or their late replies would be out of step
+                        self._abandon({v.conn: v for v in started}, job)
+                        raise
+                    started.append(w)
                 self.last_bytes_sent = sent
-                self._wait(procs, job, slot_view, spec, timeout, on_progress, cloudpickle)
+                self._wait(procs, job, slot_view, spec, timeout, on_progress)
             finally:
                 del slot_view
                 self.pool.release_all({w.process.pid for w in procs})
 
-    def probe(self, spec: dict, shape, order, timeout=None) -> object:
+    def _send(self, w: _Worker, data: bytes, slot_view, spec) -> None:
+        """Send one request; a worker that died meanwhile is a WorkerCrashedError."""
+        try:
+            w.conn.send_bytes(data)
+        except OSError as exc:  # BrokenPipeError, ConnectionResetError: it is gone
+            error = self._crash_error(w, slot_view, spec)
+            w.kill()  # in case it lives on without its socket; replaced next call
+            raise error from exc
+
+    def probe(self, spec: ProbeSpec, shape, order, timeout=None) -> object:
         """Run the dtype probe in a worker; return the dtype or raise its error."""
         with self._lock:
             w = self._ensure(1)[0]
-            spec["call_id"] = next(self._ids)
-            w.conn.send_bytes(pickle.dumps(("probe", spec), protocol=pickle.HIGHEST_PROTOCOL))
-            info = dict(spec, shape=shape, order=order)
-            k = len(spec["args"][0]) if spec["args"] else 1
+            spec = spec._replace(task_id=next(self._ids))
+            k = len(spec.args[0]) if spec.args else 1
+            info = _Info(spec.func_name, shape, order)
+            self._send(w, pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL),
+                       _Slots([[0, k]]), info)
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
                 while True:
                     if deadline is not None and time.monotonic() >= deadline:
                         w.kill()
                         raise TimeoutError(
-                            f"{spec['func_name']} did not finish within {timeout} s (worker "
+                            f"{spec.func_name} did not finish within {timeout} s (worker "
                             f"{w.process.pid} on the {self._chunk_text(0, k, info)}, run first "
                             "to learn the result dtype; pass dtype= to skip that)")
                     ready = wait([w.conn, w.process.sentinel], timeout=0.1)
                     if w.conn in ready:
                         try:
-                            reply = pickle.loads(w.conn.recv_bytes())
+                            reply = self._receive(w, spec.task_id, (PROBED,))
                         except (EOFError, OSError):
                             ready = [w.process.sentinel]  # it died: report the crash
                         else:
-                            if reply[1] != spec["call_id"]:
-                                continue
-                            if reply[0] == "probe":
-                                return reply[2]
+                            if reply.kind == PROBED:
+                                return reply.value
                             self._retire_if_exiting(w, reply)
                             raise self._rebuild_error(reply, info)
                     if w.process.sentinel in ready:
@@ -374,13 +407,30 @@ class ProcessEngine:
                 w.kill()
                 raise
 
-    def _wait(self, procs, job, slot_view, spec, timeout, on_progress, cloudpickle):
-        call_id = spec["call_id"]
+    @staticmethod
+    def _receive(w: _Worker, task_id, kinds) -> Reply:
+        """The worker's reply to ``task_id``; a reply out of step kills it (ProtocolError)."""
+        data = w.conn.recv_bytes()
+        try:
+            return check_reply(pickle.loads(data), task_id, kinds)
+        except Exception:
+            w.kill()  # its stream is out of step with ours: it cannot be trusted again
+            raise
+
+    def _wait(self, procs, job, slot_view, spec, timeout, on_progress) -> None:
         pending = {w.conn: w for w in procs}
         sentinels = {w.process.sentinel: w for w in procs}
         first_error: BaseException | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         stop_deadline = None
+
+        def fail(error: BaseException) -> None:
+            nonlocal first_error, stop_deadline
+            if first_error is None:
+                first_error = error
+                job.cancel()
+                stop_deadline = time.monotonic() + STOP_GRACE
+
         try:
             while pending:
                 wait_for = 0.1
@@ -393,85 +443,81 @@ class ProcessEngine:
                     if r in pending:
                         w = pending[r]
                         try:
-                            reply = pickle.loads(r.recv_bytes())
+                            reply = self._receive(w, spec.task_id, (DONE,))
                         except (EOFError, OSError):
                             continue  # it died: its sentinel reports it
-                        if reply[1] != call_id:
-                            continue  # a late reply to an earlier, abandoned call
+                        except ProtocolError as exc:
+                            del pending[r]
+                            fail(exc)
+                            continue
                         del pending[r]
                         self._retire_if_exiting(w, reply)
-                        if reply[0] == "error" and first_error is None:
-                            first_error = self._rebuild_error(reply, spec)
-                            job.cancel()
-                            stop_deadline = time.monotonic() + STOP_GRACE
+                        if reply.kind == ERROR:
+                            fail(self._rebuild_error(reply, spec))
                     elif r in sentinels and sentinels[r].conn in pending:
                         w = sentinels[r]
                         del pending[w.conn]
-                        if first_error is None:
-                            first_error = self._crash_error(w, slot_view, spec)
-                            job.cancel()
-                            stop_deadline = time.monotonic() + STOP_GRACE
+                        fail(self._crash_error(w, slot_view, spec))
                 if on_progress is not None:
                     on_progress(job.done)
                 now = time.monotonic()
                 if deadline is not None and now >= deadline and first_error is None:
-                    first_error = self._timeout_error(procs, slot_view, spec, timeout)
-                    job.cancel()
+                    fail(self._timeout_error(procs, slot_view, spec, timeout))
                     for w in list(pending.values()):
                         if slot_view[w.index, 0] >= 0:  # still computing: stuck
                             w.kill()
                             del pending[w.conn]
-                    stop_deadline = now + STOP_GRACE
                 if stop_deadline is not None and now >= stop_deadline:
                     for w in pending.values():
                         w.kill()  # did not stop within the grace period
                     pending.clear()
         except BaseException:
-            # Ctrl-C (or anything else) while waiting: cancel, give the workers a
-            # moment to finish their chunk, kill the rest.
-            job.cancel()
-            end = time.monotonic() + STOP_GRACE
-            while pending and time.monotonic() < end:
-                for r in wait(list(pending), timeout=0.05):
-                    try:
-                        r.recv_bytes()
-                    except (EOFError, OSError):
-                        pass
-                    pending.pop(r, None)
-            for w in pending.values():
-                w.kill()
+            self._abandon(pending, job)  # Ctrl-C (or anything else) while waiting
             raise
         if first_error is not None:
             raise first_error
 
     @staticmethod
-    def _retire_if_exiting(w, reply) -> None:
+    def _abandon(pending: dict, job) -> None:
+        """Cancel; give the ``pending`` workers a moment to finish their chunk and
+        answer (the answer is dropped); kill those that do not."""
+        job.cancel()
+        end = time.monotonic() + STOP_GRACE
+        while pending and time.monotonic() < end:
+            for r in wait(list(pending), timeout=0.05):
+                try:
+                    r.recv_bytes()
+                except (EOFError, OSError):
+                    pass
+                pending.pop(r, None)
+        for w in pending.values():
+            w.kill()
+
+    @staticmethod
+    def _retire_if_exiting(w, reply: Reply) -> None:
         """A worker that reported SystemExit/KeyboardInterrupt exits: reap it now."""
-        if reply[0] == "error" and reply[5] in EXITS:
+        if reply.kind == ERROR and reply.error.exits:
             w.process.join(2)
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(2)
 
     # -- errors ----------------------------------------------------------------------
-    def _chunk_text(self, lo, hi, spec) -> str:
+    @staticmethod
+    def _chunk_text(lo, hi, spec) -> str:
+        """``spec``: anything with ``shape`` and ``order`` (a CallSpec, an _Info)."""
         from coremap._tasks import index
-
-        class _P:  # index() needs shape and order
-            shape = spec["shape"]
-            order = spec["order"]
 
         if lo is None or lo < 0:
             return "before any chunk"
-        return f"chunk of elements {index(_P, lo)} to {index(_P, hi - 1)}"
+        return f"chunk of elements {index(spec, lo)} to {index(spec, hi - 1)}"
 
-    def _rebuild_error(self, reply, spec) -> BaseException:
+    def _rebuild_error(self, reply: Reply, spec) -> BaseException:
         exc = rebuild_error(reply)
-        notes = reply[8]
-        lo, hi = reply[2], reply[3]
-        if hasattr(exc, "add_note") and not any("raised by" in n for n in notes):
-            exc.add_note(f"raised by {spec['func_name']} in a worker process, on the "
-                         f"{self._chunk_text(lo, hi, spec)}")
+        err = reply.error
+        if hasattr(exc, "add_note") and not any("raised by" in n for n in err.notes):
+            exc.add_note(f"raised by {spec.func_name} in a worker process, on the "
+                         f"{self._chunk_text(err.lo, err.hi, spec)}")
         return exc
 
     def _crash_error(self, w, slot_view, spec) -> WorkerCrashedError:
@@ -487,7 +533,7 @@ class ProcessEngine:
             how = f"exit code {code}"
         return WorkerCrashedError(
             f"worker process {w.process.pid} died ({how}) while computing "
-            f"{self._chunk_text(lo, hi, spec)} of {spec['func_name']}; it will be replaced",
+            f"{self._chunk_text(lo, hi, spec)} of {spec.func_name}; it will be replaced",
             pid=w.process.pid, exitcode=code, chunk=(lo, hi) if lo >= 0 else None,
         )
 
@@ -496,14 +542,14 @@ class ProcessEngine:
                  if slot_view[w.index, 0] >= 0]
         where = "; ".join(f"worker {w.process.pid} on the {self._chunk_text(lo, hi, spec)}"
                           for w, lo, hi in stuck) or "no chunk in progress"
-        return TimeoutError(f"{spec['func_name']} did not finish within {timeout} s ({where})")
+        return TimeoutError(f"{spec.func_name} did not finish within {timeout} s ({where})")
 
     def shutdown(self) -> None:
         """Stop every worker and free the pooled segments."""
         with self._lock:
             for w in self._workers:
                 try:
-                    w.conn.send_bytes(pickle.dumps(None))
+                    w.conn.send_bytes(pickle.dumps(STOP))
                 except OSError:
                     pass
             end = time.monotonic() + 2.0

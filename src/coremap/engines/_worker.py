@@ -1,8 +1,11 @@
 """The process engine's worker: the loop that runs in each child process.
 
-    parent ──("call", spec)──> worker: attach segments (cached), rebuild the views,
-                               claim chunks from the shared job state, compute in place
-    parent <──("done", id) or ("error", id, lo, hi, exception...)── worker
+    parent ──CallSpec──> worker: attach segments (cached), rebuild the views,
+                         claim chunks from the shared job state, compute in place
+    parent <──Reply(DONE, id) or Reply(ERROR, id, error=ErrorInfo(lo, hi, ...))── worker
+
+(The messages are in ``_messages.py``; ``ProbeSpec``, and ``TaskSpec``/``InitSpec``
+for ``coremap.Pool``, go through the same loop.)
 
 A worker ignores SIGINT (the parent owns Ctrl-C and cancels through the shared
 job state), limits BLAS/OpenMP pools to one thread, and exits when its parent
@@ -20,9 +23,23 @@ import threading
 import time
 import traceback
 
+from coremap.engines._messages import (
+    DONE,
+    ERROR,
+    EXITS,
+    PROBED,
+    RESULT,
+    STOP,
+    CallSpec,
+    ErrorInfo,
+    InitSpec,
+    ProbeSpec,
+    Reply,
+    TaskSpec,
+)
+
 IN_WORKER_ENV = "COREMAP_IN_WORKER"
-# Exceptions after which a worker stops (the parent replaces it).
-EXITS = ("builtins.SystemExit", "builtins.KeyboardInterrupt")
+__all__ = ["EXITS", "IN_WORKER_ENV", "bootstrap", "main"]
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -42,35 +59,35 @@ def _die_with_parent(parent_pid: int) -> None:
 class _Call:
     """What ``_tasks.chunk_function`` needs to know about a call (a plan's subset)."""
 
-    def __init__(self, spec: dict, func) -> None:
-        self.kind = spec["kind"]
+    def __init__(self, spec: CallSpec, func) -> None:
+        self.kind = spec.kind
         self.func = func
-        self.func_name = spec["func_name"]
-        self.shape = spec["shape"]
-        self.order = spec["order"]
-        self.inputs = spec["inputs"]  # list of _layout.Input
-        self.in_dtypes = spec["in_dtypes"]
+        self.func_name = spec.func_name
+        self.shape = spec.shape
+        self.order = spec.order
+        self.inputs = spec.inputs  # list of _layout.Input
+        self.in_dtypes = spec.in_dtypes
 
 
-def _views(spec, segments):
+def _views(spec: CallSpec, segments):
     import numpy as np
 
     from coremap import _layout, _shm
 
     views = []
-    for desc, inp in zip(spec["views"], [*spec["inputs"], None]):
+    for desc, inp in zip(spec.views, [*spec.inputs, None]):
         if desc is None:  # a scalar input
-            views.append(_layout.iteration_view(inp.array, spec["shape"], spec["order"]))
+            views.append(_layout.iteration_view(inp.array, spec.shape, spec.order))
             continue
-        name, offset, shape, strides, dtype = desc
-        seg = segments.get(name)
+        seg = segments.get(desc.name)
         if seg is None:
-            seg = segments[name] = _shm.Segment.attach(name)
-        views.append(np.ndarray(shape, dtype, buffer=seg.mmap, offset=offset, strides=strides))
+            seg = segments[desc.name] = _shm.Segment.attach(desc.name)
+        views.append(np.ndarray(desc.shape, desc.dtype, buffer=seg.mmap, offset=desc.offset,
+                                strides=desc.strides))
     return views
 
 
-def _report(exc: BaseException, call_id, lo, hi):
+def _report(exc: BaseException, task_id, lo, hi) -> Reply:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         payload = pickle.dumps(exc)
@@ -79,29 +96,29 @@ def _report(exc: BaseException, call_id, lo, hi):
         payload = None
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     notes = list(getattr(exc, "__notes__", ()))
-    return ("error", call_id, lo, hi, payload, name, str(exc), tb, notes)
+    return Reply(ERROR, task_id, error=ErrorInfo(lo, hi, payload, name, str(exc), tb, notes))
 
 
-def _load(spec: dict, funcs: dict):
+def _load(spec: TaskSpec, funcs: dict):
     import cloudpickle
 
-    func = funcs.get(spec["func_key"])
+    func = funcs.get(spec.func_key)
     if func is None:
-        func = cloudpickle.loads(spec["func"])
+        func = cloudpickle.loads(spec.func)
         if len(funcs) > 64:
             funcs.clear()
-        funcs[spec["func_key"]] = func
+        funcs[spec.func_key] = func
     return func
 
 
-def run_task(spec: dict, funcs: dict):
+def run_task(spec: TaskSpec, funcs: dict) -> Reply:
     """A Pool task: call the function on a batch of (args, kwds); results go back by
     pickle, with large arrays moved to shared memory (see ``coremap.pool``)."""
     from coremap import pool
 
     func = _load(spec, funcs)
-    items = pool.loads_shared(spec["args"], spec["shared"])
-    mode = spec["mode"]
+    items = pool.loads_shared(spec.args, spec.shared)
+    mode = spec.mode
     if mode == "map":
         calls = map(func, items)
     elif mode == "star":
@@ -115,57 +132,52 @@ def run_task(spec: dict, funcs: dict):
             append(value)
     except BaseException as exc:  # the item that failed is the next one
         k = len(results)
-        return _report(exc, spec["task"], k, k + 1)
+        return _report(exc, spec.task_id, k, k + 1)
     try:
-        payload = pool.export_results(results, spec.get("share_bytes"))
+        payload = pool.export_results(results, spec.share_bytes)
     except BaseException as exc:  # a result that cannot be pickled
-        return _report(pool.encoding_error(exc, results), spec["task"], -1, -1)
-    return ("result", spec["task"], payload)
+        return _report(pool.encoding_error(exc, results), spec.task_id, -1, -1)
+    return Reply(RESULT, spec.task_id, payload)
 
 
-def probe(spec: dict):
+def probe(spec: ProbeSpec) -> Reply:
     """Learn the result dtype on the first elements, here rather than in the parent."""
     import cloudpickle
 
     from coremap import _tasks
 
-    func = cloudpickle.loads(spec["func"])
+    func = cloudpickle.loads(spec.func)
     try:
-        dtype = _tasks.probe_dtype(func, spec["kind"], spec["func_name"], spec["scalars"],
-                                   spec["args"])
+        dtype = _tasks.probe_dtype(func, spec.kind, spec.func_name, spec.scalars, spec.args)
     except BaseException as exc:
-        return _report(exc, spec["call_id"], 0, len(spec["args"][0]) if spec["args"] else 1)
-    return ("probe", spec["call_id"], dtype)
+        return _report(exc, spec.task_id, 0, len(spec.args[0]) if spec.args else 1)
+    return Reply(PROBED, spec.task_id, dtype)
 
 
-def run_call(spec: dict, funcs: dict, segments: dict):
+def run_call(spec: CallSpec, funcs: dict, segments: dict) -> Reply:
     """Compute this worker's share of one call; return the reply message."""
     import cloudpickle
 
     from coremap import _layout, _shm, _tasks
-    from coremap._kernels import _runner
 
-    call_id = spec["call_id"]
-    func = funcs.get(spec["func_key"])
+    call_id = spec.task_id
+    func = funcs.get(spec.func_key)
     if func is None:
-        func = cloudpickle.loads(spec["func"])
+        func = cloudpickle.loads(spec.func)
         funcs.clear()  # keep one function: Numba's caches key on its identity
-        funcs[spec["func_key"]] = func
+        funcs[spec.func_key] = func
     call = _Call(spec, func)
-    ctrl_name, state_offset, slot_offset = spec["ctrl"]
+    ctrl_name = spec.ctrl.name
     ctrl = segments.get(ctrl_name) or segments.setdefault(ctrl_name, _shm.Segment.attach(ctrl_name))
     views = _views(spec, segments)
-    used = {ctrl_name, *(d[0] for d in spec["views"] if d is not None)}
+    used = {ctrl_name, *(d.name for d in spec.views if d is not None)}
     for name in list(segments):
-        if name not in spec["keep"] and name not in used:
+        if name not in spec.keep and name not in used:
             segments.pop(name).close()  # unmapped once no array of ours uses it
     space = _layout.build_space(views)
-    n, workers, schedule, chunk, max_chunk, target_ns, first_chunk, floor_ns = spec["job"]
-    job = _runner.Job(n, workers, schedule, chunk, max_chunk, target_ns=target_ns,
-                      first_chunk=first_chunk, floor_ns=floor_ns,
-                      state=ctrl.address + state_offset, init=False,
-                      state_owner=ctrl)
-    job.set_slot(ctrl.address + slot_offset)
+    job = spec.job.job(state=ctrl.address + spec.ctrl.state_offset, init=False,
+                       state_owner=ctrl)
+    job.set_slot(ctrl.address + spec.ctrl.slot_offset)
     errors = _tasks.Errors()
     if call.kind in ("numba", "builtin"):
         address = _tasks.native_kernel(call, space)
@@ -177,12 +189,12 @@ def run_call(spec: dict, funcs: dict, segments: dict):
                 _tasks.raise_native_failure(call, space, *failed)
             except BaseException as exc:
                 return _report(exc, call_id, *failed)
-        return ("done", call_id)
+        return Reply(DONE, call_id)
     _tasks.python_task(_tasks.chunk_function(call, space, errors), errors)(job, False)
     if errors.first is not None:
         exc, lo, hi = errors.first
         return _report(exc, call_id, lo, hi)
-    return ("done", call_id)
+    return Reply(DONE, call_id)
 
 
 def bootstrap(fd: int, parent_pid: int) -> None:
@@ -191,7 +203,7 @@ def bootstrap(fd: int, parent_pid: int) -> None:
 
     conn = Connection(fd)
     setup = pickle.loads(conn.recv_bytes())
-    sys.path[:] = setup["sys_path"]  # so functions pickled by reference import here too
+    sys.path[:] = setup.sys_path  # so functions pickled by reference import here too
     main(conn, parent_pid)
 
 
@@ -215,24 +227,25 @@ def main(conn, parent_pid: int) -> None:
         except (EOFError, OSError):
             return
         msg = pickle.loads(data)
-        if msg is None:
+        if msg is STOP:
             return
-        spec = msg[1]
         try:
-            if msg[0] == "probe":
-                reply = probe(spec)
-            elif msg[0] == "task":
-                reply = run_task(spec, funcs)
-            elif msg[0] == "init":
+            if isinstance(msg, CallSpec):
+                reply = run_call(msg, funcs, segments)
+            elif isinstance(msg, ProbeSpec):
+                reply = probe(msg)
+            elif isinstance(msg, TaskSpec):
+                reply = run_task(msg, funcs)
+            elif isinstance(msg, InitSpec):
                 import cloudpickle
 
-                initializer, initargs = cloudpickle.loads(spec["func"])
+                initializer, initargs = cloudpickle.loads(msg.func)
                 initializer(*initargs)
                 continue
             else:
-                reply = run_call(spec, funcs, segments)
+                raise TypeError(f"unknown request {type(msg).__name__}")
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-            reply = _report(exc, spec.get("call_id"), -1, -1)
+            reply = _report(exc, getattr(msg, "task_id", None), -1, -1)
         conn.send_bytes(pickle.dumps(reply))
-        if reply[0] == "error" and reply[5] in EXITS:
+        if reply.kind == ERROR and reply.error.exits:
             return  # asked to stop: the parent replaces this worker
