@@ -200,6 +200,24 @@ def test_global_array_read_by_reference():
         TABLE[:] = [1.0, 2.0, 3.0]
 
 
+PAIR = (np.array([1.0, 2.0]), 3.0)
+
+
+def uses_pair(v):
+    return PAIR[1] * v
+
+
+def test_unchanged_globals_compile_once():
+    from coremap._kernels import _numba
+
+    x = np.arange(5.0)
+    cm.parallel_map(x, uses_pair)
+    state = _numba._state[uses_pair]
+    for _ in range(3):
+        np.testing.assert_array_equal(cm.parallel_map(x, uses_pair), 3.0 * x)
+    assert _numba._state[uses_pair] is state
+
+
 def test_closure_value_change_is_seen():
     k = 2.0
 

@@ -370,6 +370,14 @@ def bench_pool(repeat: int, arrays: int = 16, mb: int = 8) -> list[Row]:
     return rows
 
 
+_W5_SCALE = 2.0
+
+
+def _w1_global(v):
+    """W1 reading a global number: the check that it did not change runs on every call."""
+    return _W5_SCALE * v + 1.0
+
+
 def bench_w5(repeat: int) -> list[Row]:
     import timeit
 
@@ -382,6 +390,7 @@ def bench_w5(repeat: int) -> list[Row]:
         "numpy": lambda: _workloads.w1_numpy(x),
         "numba vectorize cpu": lambda: vec_cpu(x),
         "coremap": lambda: cm.parallel_map(x, _workloads.w1),
+        "coremap, reads a global": lambda: cm.parallel_map(x, _w1_global),
         "coremap affine": lambda: cm.parallel_map(x, aff),
     }
     for fn in contenders.values():

@@ -32,7 +32,7 @@ from coremap._kernels import _checked
 JIT_OPTIONS = {"nogil": True, "error_model": "python"}
 _LOADS = frozenset(("LOAD_GLOBAL", "LOAD_NAME"))
 _MISSING = object()
-_BY_VALUE = (numbers.Number, np.generic, str, bytes, tuple)
+_BY_VALUE = (numbers.Number, np.generic, str, bytes)
 
 
 class Watch:
@@ -67,6 +67,13 @@ class Watch:
     @property
     def empty(self) -> bool:
         return not (self.globals or self.cells)
+
+
+def _by_value(value) -> bool:
+    """Compared by value (a number, a string, a tuple of those), else by identity."""
+    if isinstance(value, tuple):
+        return all(_by_value(v) for v in value)
+    return isinstance(value, _BY_VALUE)
 
 
 def _equal(a, b) -> bool:
@@ -174,7 +181,7 @@ class _Rebuilder:
                 self.watch.arrays.append(name)
                 return ArrayRef(value)
             return None
-        if isinstance(value, _BY_VALUE):
+        if _by_value(value):
             self.watch.scalars.append(name)
             return None
         if isinstance(value, types.ModuleType) or getattr(value, "__module__", None) == "math":
@@ -204,7 +211,7 @@ class _Rebuilder:
             value = g.get(name, _MISSING)
             if value is _MISSING:
                 continue  # a builtin (or a NameError, raised by the compile)
-            self.watch.globals.append((g, name, value, isinstance(value, _BY_VALUE)))
+            self.watch.globals.append((g, name, value, _by_value(value)))
             sub = self.substitute(name, value)
             new_globals[name] = value if sub is None else sub
         if closure:
@@ -213,7 +220,7 @@ class _Rebuilder:
                     value = cell.cell_contents
                 except ValueError:
                     continue  # not bound yet: Numba reports it
-                self.watch.cells.append((cell, value, isinstance(value, _BY_VALUE)))
+                self.watch.cells.append((cell, value, _by_value(value)))
                 sub = self.substitute(name, value)
                 new.cell_contents = value if sub is None else sub
 
