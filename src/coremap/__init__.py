@@ -5,6 +5,18 @@
 
 See :func:`parallel_map`, :func:`explain` and :func:`config`.
 """
+# The one place the version is written; the build reads it from here.
+__version__ = "0.1.0"
+
+import os as _os
+
+if _os.name != "posix":  # before anything else: the engines need POSIX shared memory
+    raise ImportError(
+        f"coremap supports POSIX systems (Linux; macOS untested), not os.name={_os.name!r}: "
+        "its worker processes and shared arrays use POSIX shared memory (shm_open). "
+        "On Windows, run it under WSL."
+    )
+
 from coremap import kernels
 from coremap._api import CoremapWarning, explain, parallel_map
 from coremap._config import config
@@ -13,8 +25,6 @@ from coremap._insights import Insights
 from coremap._plan import Plan
 from coremap.pool import Pool
 from coremap.shared import SharedArray, SharedLock, cleanup_stale
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name):

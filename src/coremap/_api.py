@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -27,6 +27,9 @@ class CoremapWarning(UserWarning):
 
 
 _OutT = TypeVar("_OutT", bound="np.ndarray[Any, Any]")
+# inputs whose result is a plain ndarray; other array-likes (pandas, xarray, dask)
+# come back as the same kind of object, typed Any
+_PlainInput = Union["NDArray[Any]", "list[Any]", float, "tuple[NDArray[Any] | float, ...]"]
 
 
 @overload
@@ -34,8 +37,26 @@ def parallel_map(
     arrays: ArrayLike | tuple[ArrayLike, ...],
     func: KernelFunc,
     *,
+    out: _OutT,
+    dtype: DTypeLike | None = None,
+    vectorized: bool = False,
+    backend: Backend | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    schedule: Schedule = "guided",
+    progress: bool = False,
+    timeout: float | None = None,
+    retries: int = 0,
+) -> _OutT: ...
+
+
+@overload
+def parallel_map(
+    arrays: _PlainInput,
+    func: KernelFunc,
+    *,
     out: None = None,
-    dtype: DTypeLike = None,
+    dtype: DTypeLike | None = None,
     vectorized: bool = False,
     backend: Backend | None = None,
     workers: int | None = None,
@@ -52,8 +73,8 @@ def parallel_map(
     arrays: ArrayLike | tuple[ArrayLike, ...],
     func: KernelFunc,
     *,
-    out: _OutT,
-    dtype: DTypeLike = None,
+    out: None = None,
+    dtype: DTypeLike | None = None,
     vectorized: bool = False,
     backend: Backend | None = None,
     workers: int | None = None,
@@ -62,7 +83,7 @@ def parallel_map(
     progress: bool = False,
     timeout: float | None = None,
     retries: int = 0,
-) -> _OutT: ...
+) -> Any: ...
 
 
 def parallel_map(
@@ -70,7 +91,7 @@ def parallel_map(
     func: KernelFunc,
     *,
     out: np.ndarray[Any, Any] | None = None,
-    dtype: DTypeLike = None,
+    dtype: DTypeLike | None = None,
     vectorized: bool = False,
     backend: Backend | None = None,
     workers: int | None = None,
@@ -189,6 +210,36 @@ def _map_container(kind, arrays, func, out, progress, options):
     )
 
 
+@overload
+def explain(
+    arrays: ArrayLike | tuple[ArrayLike, ...],
+    func: KernelFunc,
+    *,
+    run: Literal[False] = False,
+    **kwargs: Unpack[MapOptions],
+) -> Plan: ...
+
+
+@overload
+def explain(
+    arrays: ArrayLike | tuple[ArrayLike, ...],
+    func: KernelFunc,
+    *,
+    run: Literal[True],
+    **kwargs: Unpack[MapOptions],
+) -> Insights: ...
+
+
+@overload
+def explain(
+    arrays: ArrayLike | tuple[ArrayLike, ...],
+    func: KernelFunc,
+    *,
+    run: bool,
+    **kwargs: Unpack[MapOptions],
+) -> Plan | Insights: ...
+
+
 def explain(
     arrays: ArrayLike | tuple[ArrayLike, ...],
     func: KernelFunc,
@@ -214,18 +265,19 @@ def explain(
     >>> import numpy as np, coremap as cm
     >>> print(cm.explain(np.ones(10), np.sqrt))  # doctest: +ELLIPSIS
     coremap plan for sqrt
-      engine   : serial (1 worker)
+      engine   : ...
     ...
     """
     if run:
         return _explain_run(arrays, func, kwargs)
-    kwargs.pop("progress", None)
+    options: dict[str, Any] = dict(kwargs)
+    options.pop("progress", None)  # a display option, no part of the plan
     items = arrays if isinstance(arrays, tuple) else (arrays,)
     container = _containers.find(items)
     if container is None:
-        return make_plan(arrays, func, **kwargs)
-    _containers.check_out(container, kwargs.get("out"))
-    plan = make_plan(_containers.stand_ins(items), func, **kwargs)
+        return make_plan(arrays, func, **options)
+    _containers.check_out(container, options.get("out"))
+    plan = make_plan(_containers.stand_ins(items), func, **options)
     reasons = type(plan.reasons)([*plan.reasons, _containers.describe(container)])
     return dataclasses.replace(plan, reasons=reasons)
 

@@ -38,16 +38,20 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from coremap import __version__
+
     parser = argparse.ArgumentParser(
         prog="coremap", description="Element-wise work over NumPy arrays on every core."
     )
+    parser.add_argument("--version", action="version", version=f"coremap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run W2 and W3 with NumPy and with coremap, and compare")
     p.add_argument("--n-w2", type=int, default=20_000_000, help="elements for W2")
     p.add_argument("--n-w3", type=int, default=1_000_000, help="elements for W3 sorted")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats (median)")
     p.set_defaults(run=_demo)
-    p = sub.add_parser("bench", help="the BENCHMARKS.md workloads, head to head with the peers")
+    p = sub.add_parser("bench", help="the workloads defined in docs/benchmarks.rst, "
+                       "head to head with the peers")
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     p.add_argument("--workload", action="append", help="W1..W6 or JIT (repeatable)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")

@@ -54,8 +54,9 @@ def collect() -> dict:
     try:
         import numba
 
+        layer = getattr(numba.config, "THREADING_LAYER", "unknown")
         facts["numba threading layer"] = (
-            f"{numba.config.THREADING_LAYER} (not used: coremap kernels are parallel=False)"
+            f"{layer} (not used: coremap kernels are parallel=False)"
         )
     except ImportError:
         facts["numba threading layer"] = "numba not installed"

@@ -47,7 +47,7 @@ class MapOptions(TypedDict, total=False):
     """The keyword arguments ``explain`` takes (those of ``parallel_map``)."""
 
     out: Any
-    dtype: DTypeLike
+    dtype: DTypeLike | None
     vectorized: bool
     backend: Backend | None
     workers: int | None
