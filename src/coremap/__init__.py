@@ -3,7 +3,7 @@
 >>> import numpy as np, coremap as cm
 >>> y = cm.parallel_map(np.arange(4.0), lambda v: v * v)
 
-See :func:`parallel_map`, :func:`explain` and :func:`config`.
+See :func:`parallel_map`, :func:`parallel_reduce`, :func:`explain` and :func:`config`.
 """
 # The one place the version is written; the build reads it from here.
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ from coremap._config import config
 from coremap._errors import RemoteError, WorkerCrashedError
 from coremap._insights import Insights
 from coremap._plan import Plan
+from coremap._reduce import parallel_reduce
 from coremap.pool import Pool
 from coremap.shared import SharedArray, SharedLock, cleanup_stale
 
@@ -38,6 +39,7 @@ def __getattr__(name):
 
 __all__ = [
     "parallel_map",
+    "parallel_reduce",
     "explain",
     "config",
     "kernels",
