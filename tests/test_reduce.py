@@ -310,3 +310,21 @@ def test_progress_and_timeout_are_accepted(capsys):
         assert cm.parallel_reduce(x, progress=True, workers=2) == 100000.0
     assert cm.parallel_reduce(x, square, timeout=30, backend="threads") == 100000.0
 
+
+
+SCALE = 2.0
+
+
+def scaled(v):
+    return SCALE * v
+
+
+def test_a_changed_global_is_seen_as_parallel_map_sees_it():
+    global SCALE
+    x = np.ones(20000)
+    try:
+        assert cm.parallel_reduce(x, scaled) == 40000.0
+        SCALE = 3.0
+        assert cm.parallel_reduce(x, scaled) == 60000.0
+    finally:
+        SCALE = 2.0

@@ -49,8 +49,8 @@ OPS = ("sum", "prod", "min", "max", "any", "all", "argmin", "argmax")
 _BIG = 1 << 62  # nominal carray length: indices are unchecked, the caller bounds them
 
 _lock = threading.RLock()
-# map function (or the _IDENTITY marker) -> {signature: cfunc}; weak, so a discarded
-# function frees its machine code with it
+# compiled state of the map function (_numba.compiled; _identity for func=None) ->
+# {signature: cfunc}; weak, so a discarded function frees its machine code with it
 _kernels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -193,7 +193,12 @@ def block_kernel(func, op: str, in_dtypes: tuple, acc_dtype: np.dtype, classes: 
     Compiled once per (function, op, input dtypes, accumulator dtype, stride classes).
     """
     key = (op, tuple(in_dtypes), np.dtype(acc_dtype), classes)
-    owner = _identity if func is None else func
+    if func is None:
+        owner = _identity
+    else:  # the function's compiled state: replaced when a global it read changes
+        from coremap._kernels import _numba
+
+        owner = _numba.compiled(func, len(in_dtypes))
     with _lock:
         per_func = _kernels.setdefault(owner, {})
         cf = per_func.get(key)
