@@ -1,4 +1,4 @@
-"""asv suite: the BENCHMARKS.md workloads over size x dtype x engine, peers included.
+"""asv suite: the docs/benchmarks.rst workloads over size x dtype x engine, peers included.
 
 Data is made in ``setup`` from a fixed seed; JIT compiles and pools are warmed in
 ``setup`` too, so ``time_*`` measures warm calls. Peers that are not installed

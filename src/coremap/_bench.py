@@ -1,4 +1,4 @@
-"""``coremap bench``: the workloads of BENCHMARKS.md, head to head, in one process.
+"""``coremap bench``: the workloads of docs/benchmarks.rst, head to head, in one process.
 
 Every workload builds its contenders (NumPy, the installed peers, coremap),
 warms each once (JIT compiles, page faults), then times them interleaved, in a
@@ -429,7 +429,7 @@ def bench_w6(n: int, repeat: int) -> list[Row]:
         arg = arrays if len(arrays) == 2 else arrays[0]
         contenders[name] = (lambda a=arg, f=func: cm.parallel_map(a, f))
     t = time_interleaved(contenders, repeat)
-    # per byte of output, as BENCHMARKS.md states the target
+    # per byte of output, as docs/benchmarks.rst states the target
     nbytes = {k: int(np.prod(np.broadcast_shapes(*(a.shape for a in v)))) * v[0].itemsize
               for k, v in variants.items()}
     ref = t["contiguous float64"] / nbytes["contiguous float64"]

@@ -44,7 +44,7 @@ PROBE = 256
 # Ctrl-C and cancels act within about that long (a responsiveness choice, well
 # under the 1 s budget; chunk overhead is ~1 us, so it costs nothing measurable).
 # Helpers are woken once the estimated remaining work exceeds ESCALATE_NS: about
-# twice what waking a thread costs (35-60 us, BENCHMARKS.md), so a call that
+# twice what waking a thread costs (35-60 us, docs/benchmarks.rst), so a call that
 # would be over before a helper arrives stays in the caller (W5 at 10^3 elements:
 # 2.1-4.9x NumPy's time, no thread woken; tests/test_engine.py checks the latter).
 TARGET_CHUNK_NS = 20_000_000

@@ -1,7 +1,7 @@
 """The fast path: a repeated call with C-contiguous inputs skips the planner.
 
 ``make_plan`` and ``execute`` cost tens of microseconds of Python, which is
-more than the whole of a small call (W5 in BENCHMARKS.md: 10^3 elements, budget
+more than the whole of a small call (W5 in docs/benchmarks.rst: 10^3 elements, budget
 6x NumPy's time). Most calls repeat one *signature*: the same function, input
 dtypes and shapes, and defaults. The first call of a signature goes through the
 planner; if its layout is the simple one (every array C-contiguous with the
@@ -31,7 +31,7 @@ from coremap.kernels import Affine
 
 _SCALARS = (float, int, complex, bool)
 # A call whose previous run measured less than this runs in one inline kernel
-# call (a job and its timing cost a few microseconds, see W5 in BENCHMARKS.md).
+# call (a job and its timing cost a few microseconds, see W5 in docs/benchmarks.rst).
 _INLINE_NS = ESCALATE_NS // 4
 _CACHE_MAX = 256
 _cache: dict = {}

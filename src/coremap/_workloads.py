@@ -1,4 +1,4 @@
-"""The workloads of BENCHMARKS.md as code, shared by ``coremap demo``, ``coremap bench``,
+"""The workloads of docs/benchmarks.rst as code, shared by ``coremap demo``, ``coremap bench``,
 the asv suite and the tests: each has a scalar function (what a user hands to
 ``parallel_map``) and a NumPy reference (what a user writes without coremap).
 """

@@ -12,7 +12,7 @@ For the dtypes of a call, the scalar function ``f`` is compiled with
 wrapper is specialised on each operand's *stride class*:
 
 * ``"c"``: unit column stride, indexed ``a[base + c]`` so LLVM vectorizes the loop
-  (BENCHMARKS.md: indexing full arrays with a runtime stride ran 4.6x slower on W1);
+  (docs/benchmarks.rst: indexing full arrays with a runtime stride ran 4.6x slower on W1);
 * ``"s"``: a scalar (both strides 0), read once before the loop;
 * ``"g"``: any other stride, indexed ``a[base + c * cs]``.
 
@@ -23,7 +23,7 @@ through :func:`first_failure` to raise the real exception with its index, and
 the hook installed here hides the duplicate report of failures inside coremap's
 own kernels (and nothing else). A ``try``/``except`` in the generated kernel
 would avoid the report, but measured it tripled the compile time (0.12 s ->
-0.47 s for W2), against the 0.5 s first-call budget in BENCHMARKS.md.
+0.47 s for W2), against the 0.5 s first-call budget in docs/benchmarks.rst.
 
 Python's error model (division by zero raises) cost nothing measurable on
 W1-W3, which divide by nothing: the check sits on the division itself.

@@ -13,7 +13,7 @@
 
 Workers are fresh interpreters (``subprocess``, see ``_Process``), never
 forked: the parent may already run threads, Numba or OpenMP. They live
-across calls, keep the pooled segments mapped (BENCHMARKS.md: W1 10^8 took
+across calls, keep the pooled segments mapped (docs/benchmarks.rst: W1 10^8 took
 1.35 s with fresh segments, 0.10 s with workers kept attached), and are
 replaced when they die. Segment *names* are unlinked when the call ends, so
 nothing lingers in /dev/shm even if the parent is later killed; the memory is
