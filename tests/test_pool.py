@@ -1,17 +1,23 @@
 """coremap.Pool against multiprocessing.Pool: one suite run on both, then coremap's extras."""
 from __future__ import annotations
 
+import errno
+import gc
+import itertools
 import multiprocessing
+import multiprocessing.pool
 import os
 import signal
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
 
 import coremap as cm
 from coremap import _shm
+from coremap import pool as pool_module
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -199,6 +205,98 @@ def test_imap_iterable_that_raises(make_pool):
         assert pool.map(square, [3]) == [9]
 
 
+def test_imap_consumes_its_iterable_lazily(make_pool):
+    pulled = []
+
+    def counting():
+        for i in itertools.count():
+            pulled.append(i)
+            yield i
+
+    with make_pool(2) as pool:
+        it = pool.imap(square, itertools.count())
+        assert [it.next(timeout=30) for _ in range(5)] == [0, 1, 4, 9, 16]
+        pool.terminate()  # an endless job holds the pool (as in multiprocessing)
+    with make_pool(2) as pool:
+        it = pool.imap_unordered(square, counting(), chunksize=3)
+        got = {next(it) for _ in range(6)}
+        assert len(got) == 6 and all(round(v ** 0.5) ** 2 == v for v in got)
+        # bounded read-ahead (multiprocessing: what its pipe holds), never the whole stream
+        assert len(pulled) < 10**6
+        pool.terminate()
+
+
+def test_imap_unordered_iterable_that_raises(make_pool):
+    with make_pool(2) as pool:
+        it = pool.imap_unordered(square, _gen(4))
+        got = []
+        with pytest.raises(ZeroDivisionError):
+            for _ in range(10):
+                got.append(it.next(timeout=30))
+        assert set(got) <= {0, 1, 4, 9}  # unordered: the error may overtake results
+        assert pool.map(square, [3]) == [9]
+
+
+class NoPickle:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle")
+
+
+def test_pickling_error_keeps_its_type(make_pool):
+    with make_pool(2) as pool:
+        with pytest.raises(RuntimeError, match="cannot pickle"):
+            pool.map(square, [NoPickle()] * 10)
+        assert pool.map(square, [2]) == [4]
+
+
+_MODULE_LOCK = threading.Lock()
+
+
+class Locked:
+    """cloudpickle ships ``Locked.square`` by value (a classmethod's function is not
+    found by its qualified name), and by value it needs the module's lock."""
+
+    @classmethod
+    def square(cls, x):
+        with _MODULE_LOCK:
+            return x * x
+
+
+def test_function_importable_by_reference(make_pool):
+    with make_pool(1) as pool:
+        assert pool.map(Locked.square, [1, 2, 3]) == [1, 4, 9]
+        assert pool.apply(Locked.square, (4,)) == 16
+
+
+def test_remote_traceback_is_the_cause(make_pool):
+    with make_pool(1) as pool:
+        with pytest.raises(KeyError) as info:
+            pool.apply(fail_on_three, (3,))
+    cause = info.value.__cause__
+    assert type(cause) is multiprocessing.pool.RemoteTraceback
+    assert "fail_on_three" in cause.tb and 'raise KeyError(f"no {x}")' in cause.tb
+
+
+def test_worker_list(make_pool):
+    pool = make_pool(3)
+    assert len(pool._pool) == 3
+    assert all(w.pid and w.is_alive() for w in pool._pool)
+    pool.close()
+    pool.join()
+
+
+@pytest.mark.parametrize("kind", ["multiprocessing", "coremap"])
+def test_resource_warning_when_a_running_pool_is_collected(kind):
+    pool = (multiprocessing.get_context("forkserver").Pool(1) if kind == "multiprocessing"
+            else cm.Pool(1))
+    pool.terminate()
+    pool.join()
+    pool._state = multiprocessing.pool.RUN  # as CPython's test does
+    with pytest.warns(ResourceWarning, match="unclosed running multiprocessing pool"):
+        del pool
+        gc.collect()
+
+
 # -- what only coremap.Pool does ------------------------------------------------------
 
 def test_lambdas_and_closures():
@@ -243,7 +341,7 @@ def test_unpicklable_exception_is_reported_not_hung():
 
 def test_unpicklable_argument_fails_at_submit():
     with cm.Pool(1) as pool:
-        with pytest.raises(TypeError, match="cannot send the arguments"):
+        with pytest.raises(TypeError, match="cannot pickle"):
             pool.apply_async(square, (threading.Lock(),))
         assert pool.apply(square, (2,)) == 4
 
@@ -278,3 +376,124 @@ def test_terminate_fails_outstanding_results():
     with pytest.raises(RuntimeError, match="terminated"):
         r.get(timeout=10)
     pool.join()
+
+
+def bad_init():
+    raise ValueError("init broke")
+
+
+def test_raising_initializer_breaks_the_pool_and_shifts_nothing():
+    with cm.Pool(1, initializer=bad_init) as pool:
+        results = [pool.apply_async(square, (i,)) for i in range(6)]
+        for r in results:
+            with pytest.raises(BrokenProcessPool,
+                               match="initializer bad_init.*ValueError.*init broke") as info:
+                r.get(timeout=30)
+            assert isinstance(info.value.__cause__, ValueError)
+        with pytest.raises(BrokenProcessPool, match="bad_init"):
+            pool.map(square, range(3))
+        it = pool.imap(square, range(3))
+        with pytest.raises(BrokenProcessPool, match="bad_init"):
+            it.next(timeout=30)
+    with cm.Pool(2, initializer=bad_init) as pool:
+        with pytest.raises(BrokenProcessPool, match="bad_init"):
+            pool.map(square, range(100), chunksize=1)
+
+
+def test_reply_for_another_task_is_a_protocol_error(monkeypatch):
+    real = pool_module.Pool._message
+
+    def wrong_id(self, task, w):
+        return real(self, task, w)._replace(task_id=(-1, 0))
+
+    with cm.Pool(1) as pool:
+        monkeypatch.setattr(pool_module.Pool, "_message", wrong_id)
+        with pytest.raises(RuntimeError, match="protocol error.*task"):
+            pool.apply(square, (3,), )
+        monkeypatch.setattr(pool_module.Pool, "_message", real)
+        assert [pool.apply(square, (i,)) for i in range(4)] == [0, 1, 4, 9]
+
+
+def test_raising_callbacks_are_reported_and_the_pool_goes_on(monkeypatch):
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+
+    def bad(_):
+        raise OSError("callback broke")
+
+    with cm.Pool(2) as pool:
+        assert pool.apply_async(square, (3,), callback=bad).get(timeout=30) == 9
+        r = pool.apply_async(fail_on_three, (3,), error_callback=bad)
+        with pytest.raises(KeyError):
+            r.get(timeout=30)
+        assert pool.map_async(square, [1, 2], callback=bad).get(timeout=30) == [1, 4]
+        assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
+    assert [str(e) for e in seen] == ["callback broke"] * 3
+
+
+def test_worker_dead_before_its_first_message_is_replaced(monkeypatch):
+    from coremap.engines import _processes
+
+    real = _processes._Worker
+    killed = []
+
+    class DiesAtStart(real):
+        __slots__ = ()
+
+        def __init__(self, index):
+            super().__init__(index)
+            if not killed:  # the first worker dies before the pool sends it anything
+                killed.append(self.process.pid)
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.join(10)
+
+    monkeypatch.setattr(_processes, "_Worker", DiesAtStart)
+    with cm.Pool(1, initializer=remember, initargs=("hello",)) as pool:
+        assert pool.map(recall, range(3)) == ["hello"] * 3
+    assert killed
+
+
+def _limited_create(limit):
+    real = _shm.Segment.create
+
+    def create(nbytes):
+        mine = [n for n in _shm.list_segments() if n.startswith(f"coremap_{os.getpid()}_")]
+        if len(mine) >= limit:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(nbytes)
+
+    return create
+
+
+def test_map_stages_batches_as_they_are_sent(monkeypatch):
+    monkeypatch.setattr(_shm.Segment, "create", _limited_create(1))
+    big = [np.full(10**5, float(i)) for i in range(5)]
+    with cm.Pool(1) as pool:
+        out = pool.map(np.negative, big, chunksize=1)  # no warning: one segment at a time
+    for a, b in zip(big, out):
+        np.testing.assert_array_equal(b, -a)
+
+
+def test_full_shared_memory_falls_back_to_the_pipe(monkeypatch):
+    monkeypatch.setattr(_shm.Segment, "create", _limited_create(0))
+    monkeypatch.setattr(pool_module, "_warned_full", False)
+    big = np.arange(10**6, dtype=float)
+    with cm.Pool(1) as pool:
+        with pytest.warns(RuntimeWarning, match="shared memory"):
+            np.testing.assert_array_equal(pool.apply(np.negative, (big,)), -big)
+        out = pool.map(np.negative, [big] * 3, chunksize=1)  # warned once only
+    for b in out:
+        np.testing.assert_array_equal(b, -big)
+    # the worker's side: results that do not fit go back through the pipe
+    data, info = pool_module.export_results([big], warn=False)
+    assert info is None
+    np.testing.assert_array_equal(pool_module.loads_shared(data, info)[0], big)
+
+
+def test_temporary_shared_array_lives_until_its_task_is_done():
+    with cm.Pool(1) as pool:
+        blocker = pool.apply_async(slow, (0.5,))
+        r = pool.apply_async(np.sum, (cm.SharedArray.from_array(np.arange(10.0)),))
+        gc.collect()
+        assert r.get(timeout=30) == 45.0
+        assert blocker.get(timeout=30) == 0.5

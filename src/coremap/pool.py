@@ -6,21 +6,41 @@ is what hurts there:
 * a worker that dies (SIGKILL, segfault, ``os._exit``) fails the task it held
   with :class:`~coremap.WorkerCrashedError` and is replaced, where
   ``multiprocessing.Pool`` waits forever (bpo-22393);
+* an initializer that raises breaks the pool: every task fails with
+  ``BrokenProcessPool`` naming the initializer and its exception (as
+  ``concurrent.futures`` does), where ``multiprocessing.Pool`` restarts workers
+  forever and never answers;
 * an exception that cannot be pickled or unpickled comes back as
   :class:`~coremap.RemoteError` (type name, message, traceback), where
   ``multiprocessing.Pool`` can hang (gh-79492);
-* functions and arguments travel with cloudpickle, so lambdas and closures work;
-  an argument that cannot be pickled fails at submit time;
+* functions and arguments travel by reference when the workers can import them
+  (stdlib pickle, as ``multiprocessing``), else by value with cloudpickle, so
+  lambdas and closures work; an argument that cannot be pickled fails at submit
+  time with its own exception;
 * NumPy arrays of at least ``SHARE_BYTES`` travel through shared memory in
-  both directions instead of through the pipe; results arrive as arrays that
+  both directions instead of through the pipe (through the pipe after a
+  one-time warning when shared memory is short); results arrive as arrays that
   keep their own mapping alive, and no segment name outlives the task;
-* ``terminate()`` fails outstanding results instead of leaving ``get()`` hanging.
+* a callback that raises is reported (``threading.excepthook``) and the pool
+  goes on; ``terminate()`` fails outstanding results instead of leaving
+  ``get()`` hanging.
 
 Data flow (one handler thread per pool, like the stdlib's result handler):
 
-    apply_async / map_async ── pickle the batch now (errors raise here) ──> task queue
-    handler thread: idle worker <── ("task", batch) ; reply ──> result objects, callbacks
+    apply_async / map_async ── pickle every batch now (errors raise here) ──> job queue
+    imap / imap_unordered   ── the iterable itself ──────────────────────────> job queue
+    handler thread: idle worker <── ("task", spec): the next batch of the oldest job
+                                    (imap pulls it from its iterable only now; large
+                                    arrays are staged into a segment only now)
+                    worker ──> Reply(kind, task id, ...): checked against the task the
+                                    worker holds; anything else is a protocol error
                     dead worker ──> its task fails with WorkerCrashedError; replaced
+
+Messages are the process engine's named ones (``engines/_messages.py``:
+``TaskSpec``, ``InitSpec``, ``Reply``): every reply names its kind and the task
+it answers, ``(job number, batch index)``; an initializer's failure answers the
+``InitSpec``'s own id (``INIT_TASK``), so it can never be taken for a task's
+result.
 
 The workers are the process engine's (``engines/_processes.py``: fresh
 interpreters, never forked; ``engines/_worker.py``: one loop for both).
@@ -31,18 +51,32 @@ import collections
 import hashlib
 import itertools
 import pickle
+import sys
 import threading
 import time
+import warnings
 import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import TimeoutError as _MPTimeoutError
 from multiprocessing.connection import wait
-from multiprocessing.pool import MaybeEncodingError
+from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from coremap import _config, _shm
 from coremap._errors import WorkerCrashedError
-from coremap.engines._messages import RESULT, STOP, InitSpec, TaskSpec
+from coremap.engines._messages import (
+    ERROR,
+    RESULT,
+    STOP,
+    InitSpec,
+    ProtocolError,
+    Reply,
+    TaskSpec,
+    check_reply,
+)
 
-__all__ = ["Pool", "AsyncResult", "SHARE_BYTES"]
+__all__ = ["Pool", "AsyncResult", "MapResult", "IMapIterator", "SHARE_BYTES"]
 
 # Arrays at least this large travel through shared memory rather than the pipe.
 # Chosen by benchmarks/bench_pool_threshold.py (16 arrays each way, 2 workers):
@@ -52,55 +86,115 @@ SHARE_BYTES = 256 * 1024
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 TimeoutError = _MPTimeoutError  # what AsyncResult.get raises, as in multiprocessing
 
+_T = TypeVar("_T")
+_S = TypeVar("_S")
+
+
+# The id an ``InitSpec`` carries: a worker whose initializer raised answers it.
+INIT_TASK = ("init", -1)
+
 
 # -- arrays through shared memory --------------------------------------------------------
 #
 # Pickle protocol 5 hands every contiguous array buffer to ``buffer_callback``;
-# the large ones are kept out of band and copied into one segment, the receiver
-# passes views of that segment as ``buffers=`` to ``pickle.loads``, and NumPy
-# rebuilds the arrays on them: zero copy on the receiving side, no Python walk
-# over the arguments, arrays found at any depth (inside user objects too).
+# the large ones are kept out of band and copied into one segment when the batch
+# is sent, the receiver passes views of that segment as ``buffers=`` to
+# ``pickle.loads``, and NumPy rebuilds the arrays on them: zero copy on the
+# receiving side, no Python walk over the arguments, arrays found at any depth.
 
 _ALIGN = 64
+_warned_full = False  # the "shared memory is short" warning is given once per process
 
 
-def dumps_shared(obj, fallback_cloudpickle: bool = True, threshold: int | None = None):
-    """``(data, segment_info, segment)``: ``obj`` pickled, large buffers in a segment."""
-    big = []
+class _Payload(NamedTuple):
+    """An object pickled with its large buffers left out of band (still the owner's memory)."""
+
+    data: bytes
+    buffers: list
+
+
+def _pickle_payload(obj: Any, by_value: bool = True, threshold: int | None = None) -> _Payload:
+    """Pickle ``obj``: by reference (stdlib pickle) when the workers can import what it
+    names, else by value (cloudpickle) when ``by_value``; large buffers out of band."""
+    big: list = []
     threshold = SHARE_BYTES if threshold is None else threshold
 
-    def take(pb):
+    def take(pb: pickle.PickleBuffer) -> bool:
         raw = pb.raw()
         if raw.nbytes >= threshold:
             big.append(raw)
-            return False  # out of band: it goes through shared memory
+            return False  # out of band: staged into shared memory when sent
         return True
 
     try:
         data = pickle.dumps(obj, protocol=5, buffer_callback=take)
+        # __main__ is the one module a worker cannot import (it runs ``python -c``)
+        if not by_value or b"__main__" not in data:
+            return _Payload(data, big)
     except Exception:
-        if not fallback_cloudpickle:
+        if not by_value:
             raise
-        import cloudpickle  # lambdas and closures among the arguments
+    import cloudpickle  # lambdas, closures, __main__ and other by-value objects
 
-        big.clear()
-        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=take)
-    if not big:
-        return data, None, None
+    big.clear()
+    return _Payload(cloudpickle.dumps(obj, protocol=5, buffer_callback=take), big)
+
+
+def _pickle_function(func: Callable[..., Any]) -> bytes:
+    """A function for the workers: by reference when importable, else by value.
+
+    By reference first, as ``multiprocessing`` does: cloudpickle ships by value
+    some functions that stdlib pickle names (a classmethod, whose function is
+    not found under its qualified name), and by value drags in every global
+    they use (a lock, a connection).
+    """
+    try:
+        return _pickle_payload(func, threshold=2**63).data
+    except Exception as exc:
+        raise TypeError(f"cannot send {func!r} to the pool's workers: {exc}") from exc
+
+
+def _warn_short(exc: OSError) -> None:
+    global _warned_full
+    if _warned_full:
+        return
+    _warned_full = True
+    try:
+        warnings.warn(f"shared memory is short ({exc}): coremap.Pool sends large arrays "
+                      "through the pipe instead, which is slower; give /dev/shm more room "
+                      "(e.g. docker run --shm-size=1g) to move them through shared memory",
+                      RuntimeWarning, stacklevel=3)
+    except Exception:  # noqa: S110 - warnings turned into errors must not stop the pool
+        pass
+
+
+def _stage(payload: _Payload, warn: bool = True):
+    """``(shared info, segment, in-band buffers)``: the large buffers copied into one
+    segment, or handed back for the pipe when no segment can be made."""
+    if not payload.buffers:
+        return None, None, None
     offsets, total = [], 0
-    for raw in big:
+    for raw in payload.buffers:
         offsets.append((total, raw.nbytes))
         total += -(-raw.nbytes // _ALIGN) * _ALIGN
-    seg = _shm.Segment.create(total)
+    try:
+        seg = _shm.Segment.create(total)
+    except OSError as exc:  # /dev/shm full (ENOSPC), missing, or not ours to use
+        if warn:
+            _warn_short(exc)
+        return None, None, [pickle.PickleBuffer(raw) for raw in payload.buffers]
     view = memoryview(seg.mmap)
-    for raw, (off, n) in zip(big, offsets):
+    for raw, (off, n) in zip(payload.buffers, offsets):
         view[_shm.HEADER + off:_shm.HEADER + off + n] = raw.cast("B")
     del view
-    return data, (seg.name, offsets), seg
+    return (seg.name, offsets), seg, None
 
 
-def loads_shared(data, info, unlink: bool = False):
-    """Inverse of ``dumps_shared``; ``unlink`` removes the segment's name once mapped."""
+def loads_shared(data: bytes, info, unlink: bool = False, buffers=None) -> Any:
+    """Unpickle what was staged: ``info`` names the segment holding the large buffers
+    (``unlink`` removes its name once mapped); ``buffers`` came through the pipe."""
+    if buffers is not None:
+        return pickle.loads(data, buffers=buffers)
     if info is None:
         return pickle.loads(data)
     name, offsets = info
@@ -111,48 +205,135 @@ def loads_shared(data, info, unlink: bool = False):
         except FileNotFoundError:
             pass
     view = memoryview(seg.mmap)
-    buffers = [view[_shm.HEADER + off:_shm.HEADER + off + n] for off, n in offsets]
-    return pickle.loads(data, buffers=buffers)
+    bufs = [view[_shm.HEADER + off:_shm.HEADER + off + n] for off, n in offsets]
+    return pickle.loads(data, buffers=bufs)
 
 
-def export_results(results, threshold: int | None = None):
-    """A worker's reply payload: results pickled, large arrays left in a segment that
-    the parent adopts (maps, then unlinks)."""
-    data, info, seg = dumps_shared(results, fallback_cloudpickle=False, threshold=threshold)
+def export_results(results: Any, threshold: int | None = None, warn: bool = True):
+    """A worker's reply payload ``(data, info)``: results pickled, large arrays left in
+    a segment that the parent adopts (maps, then unlinks); in-band when no segment
+    can be made."""
+    payload = _pickle_payload(results, by_value=False, threshold=threshold)
+    info, seg, inband = _stage(payload, warn=warn)
+    if inband is not None:
+        return pickle.dumps(results, protocol=5), None
     if seg is not None:
         seg._finalizer.detach()  # the parent unlinks it once mapped
-    return data, info
+    return payload.data, info
 
 
-def encoding_error(exc, results):
+def encoding_error(exc: BaseException, results: Any) -> MaybeEncodingError:
+    """What a worker reports for results it cannot pickle (as ``multiprocessing``)."""
     return MaybeEncodingError(exc, results)
+
+
+def _rebuild_error(reply: Reply) -> BaseException:
+    """The worker's exception, with its traceback as a ``RemoteTraceback`` ``__cause__``
+    (what ``multiprocessing.Pool`` gives)."""
+    from coremap.engines._processes import rebuild_error
+
+    exc = rebuild_error(reply)
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{reply.error.traceback}"""')
+    return exc
 
 
 # -- results -------------------------------------------------------------------------
 
-class AsyncResult:
-    """The result of ``apply_async`` (and the base of ``map_async``'s), as in multiprocessing."""
+def _run_callback(hook: Callable[[Any], object], value: Any) -> None:
+    """Call a user callback; what it raises is reported, never raised here: the
+    thread that runs it delivers every other result too."""
+    try:
+        hook(value)
+    except BaseException:  # noqa: BLE001
+        exc_type, exc, tb = sys.exc_info()
+        try:
+            threading.excepthook(threading.ExceptHookArgs(
+                (exc_type, exc, tb, threading.current_thread())))
+        except BaseException:  # noqa: BLE001, S110 - a broken hook must not stop delivery
+            pass
+        finally:
+            del exc, tb
 
-    def __init__(self, pool, callback=None, error_callback=None) -> None:
+
+class AsyncResult(Generic[_T]):
+    """The result of :meth:`Pool.apply_async`, as in ``multiprocessing``.
+
+    Examples
+    --------
+    >>> import coremap as cm
+    >>> with cm.Pool(1) as pool:
+    ...     r = pool.apply_async(divmod, (7, 2))
+    ...     r.get(timeout=30)
+    (3, 1)
+    """
+
+    def __init__(self, pool: Pool, callback: Callable[[_T], object] | None = None,
+                 error_callback: Callable[[BaseException], object] | None = None) -> None:
         self._event = threading.Event()
         self._callback = callback
         self._error_callback = error_callback
-        self._success = None
-        self._value = None
+        self._success: bool | None = None
+        self._value: Any = None
         self._pool = pool
+        self._job = next(pool._job_numbers)
 
     def ready(self) -> bool:
+        """Whether the call has completed (successfully or not).
+
+        Returns
+        -------
+        bool
+        """
         return self._event.is_set()
 
     def successful(self) -> bool:
+        """Whether the call completed without raising.
+
+        Returns
+        -------
+        bool
+
+        Raises
+        ------
+        ValueError
+            If the result is not ready yet.
+        """
         if not self.ready():
             raise ValueError(f"{self!r} not ready")
-        return self._success
+        return bool(self._success)
 
     def wait(self, timeout: float | None = None) -> None:
+        """Wait until the result is available or ``timeout`` seconds pass.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait at most; None waits as long as it takes.
+        """
         self._event.wait(timeout)
 
-    def get(self, timeout: float | None = None):
+    def get(self, timeout: float | None = None) -> _T:
+        """The result when it arrives; the call's exception if it raised.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait at most; None waits as long as it takes.
+
+        Returns
+        -------
+        object
+            What the function returned.
+
+        Raises
+        ------
+        multiprocessing.TimeoutError
+            If the result is not ready within ``timeout``.
+        BaseException
+            What the function raised (its worker traceback as ``__cause__``),
+            :class:`~coremap.WorkerCrashedError` if its worker died, or
+            ``BrokenProcessPool`` if the pool's initializer raised.
+        """
         self.wait(timeout)
         if not self.ready():
             raise TimeoutError
@@ -160,30 +341,35 @@ class AsyncResult:
             return self._value
         raise self._value
 
-    def _set(self, index: int, ok: bool, value) -> None:
+    def _set(self, index: int, ok: bool, value: Any) -> None:
         self._finish(ok, value[0] if ok else value)
 
-    def _finish(self, ok: bool, value) -> None:
+    def _abort(self, exc: BaseException) -> None:
+        self._finish(False, exc)
+
+    def _finish(self, ok: bool, value: Any) -> None:
         if self.ready():
             return
         self._success, self._value = ok, value
-        if ok and self._callback is not None:
-            self._callback(value)
-        if not ok and self._error_callback is not None:
-            self._error_callback(value)
+        hook = self._callback if ok else self._error_callback
+        if hook is not None:
+            _run_callback(hook, value)
         self._event.set()
-        self._pool._jobs.pop(id(self), None)
+        self._pool._jobs.pop(self._job, None)
 
 
-class MapResult(AsyncResult):
-    def __init__(self, pool, chunks: int, callback, error_callback) -> None:
+class MapResult(AsyncResult[list[_T]]):
+    """The result of :meth:`Pool.map_async` and :meth:`Pool.starmap_async`: a list."""
+
+    def __init__(self, pool: Pool, chunks: int, callback: Callable[[list[_T]], object] | None,
+                 error_callback: Callable[[BaseException], object] | None) -> None:
         super().__init__(pool, callback, error_callback)
         self._parts: list = [None] * chunks
         self._left = chunks
         if chunks == 0:
             self._finish(True, [])
 
-    def _set(self, index: int, ok: bool, value) -> None:
+    def _set(self, index: int, ok: bool, value: Any) -> None:
         if self.ready():
             return
         if not ok:
@@ -193,31 +379,36 @@ class MapResult(AsyncResult):
         self._left -= 1
         if self._left == 0:
             self._finish(True, list(itertools.chain.from_iterable(self._parts)))
+            self._parts = []
 
 
-class IMapIterator:
-    """The iterator of ``imap_unordered`` (and base of ``imap``'s), with ``next(timeout)``."""
+class IMapIterator(Generic[_T]):
+    """The iterator of :meth:`Pool.imap_unordered` (and base of ``imap``'s), with
+    ``next(timeout)``."""
 
-    def __init__(self, pool) -> None:
+    def __init__(self, pool: Pool) -> None:
         self._pool = pool
+        self._job = next(pool._job_numbers)
         self._cond = threading.Condition()
-        self._items = collections.deque()
-        self._expected: int | None = None  # number of chunks, known once submitted
+        self._items: Any = collections.deque()
+        self._expected: int | None = None  # number of chunks, known once the input ended
         self._taken = 0
         self._pending: collections.deque = collections.deque()
+        self._aborted: BaseException | None = None
 
-    def __iter__(self):
+    def __iter__(self) -> IMapIterator[_T]:
         return self
 
-    def _store(self, index: int, item) -> None:
+    def _store(self, index: int, item: tuple[bool, Any]) -> None:
         self._items.append(item)
 
-    def _take(self):
+    def _take(self) -> tuple[bool, Any] | None:
         return self._items.popleft() if self._items else None
 
-    def _set(self, index: int, ok: bool, value) -> None:
+    def _set(self, index: int, ok: bool, value: Any) -> None:
         with self._cond:
-            self._store(index, (ok, value))
+            if self._aborted is None:
+                self._store(index, (ok, value))
             self._cond.notify_all()
 
     def _set_length(self, chunks: int) -> None:
@@ -225,15 +416,40 @@ class IMapIterator:
             self._expected = chunks
             self._cond.notify_all()
 
-    def ready(self) -> bool:  # for the pool's bookkeeping
+    def _abort(self, exc: BaseException) -> None:
+        with self._cond:
+            self._aborted = exc
+            self._cond.notify_all()
+
+    def ready(self) -> bool:  # for the pool's bookkeeping: an iterator is never "done"
         return False
 
-    def next(self, timeout: float | None = None):
+    def next(self, timeout: float | None = None) -> _T:
+        """The next result.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait at most; None waits as long as it takes.
+
+        Returns
+        -------
+        object
+
+        Raises
+        ------
+        StopIteration
+            When every result has been returned.
+        multiprocessing.TimeoutError
+            If no result arrives within ``timeout``.
+        BaseException
+            What the function (or the input iterable) raised for this item.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._pending:
                 if self._expected is not None and self._taken >= self._expected:
-                    self._pool._jobs.pop(id(self), None)
+                    self._pool._jobs.pop(self._job, None)
                     raise StopIteration
                 got = self._take()
                 if got is not None:
@@ -243,6 +459,8 @@ class IMapIterator:
                         raise value
                     self._pending.extend(value)
                     continue
+                if self._aborted is not None:
+                    raise self._aborted
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError
@@ -252,18 +470,99 @@ class IMapIterator:
     __next__ = next
 
 
-class _OrderedIter(IMapIterator):
+class _OrderedIter(IMapIterator[_T]):
     """``imap``: results in submission order."""
 
-    def __init__(self, pool) -> None:
+    def __init__(self, pool: Pool) -> None:
         super().__init__(pool)
         self._items = {}
 
-    def _store(self, index: int, item) -> None:
+    def _store(self, index: int, item: tuple[bool, Any]) -> None:
         self._items[index] = item
 
-    def _take(self):
+    def _take(self) -> tuple[bool, Any] | None:
         return self._items.pop(self._taken, None)
+
+
+# -- jobs and tasks ----------------------------------------------------------------------
+
+class _Task:
+    """One batch of one job, on its way to a worker or running there.
+
+    ``batch`` is kept until the task is done: it holds what the worker still
+    needs from the caller (a temporary ``SharedArray`` whose segment would
+    otherwise be unlinked, the large buffers staged only when sent).
+    """
+
+    __slots__ = ("job", "index", "batch", "payload", "segment", "shared", "inband")
+
+    def __init__(self, job: _Job, index: int, batch: list, payload: _Payload) -> None:
+        self.job, self.index, self.batch, self.payload = job, index, batch, payload
+        self.segment = self.shared = self.inband = None
+
+    @property
+    def id(self) -> tuple[int, int]:
+        return (self.job.result._job, self.index)
+
+    def release(self) -> None:
+        """The worker is done with it (or it never reached one): let go of its inputs."""
+        if self.segment is not None:
+            self.segment.unlink()
+        self.segment = self.shared = self.inband = None
+        self.batch = self.payload = None
+
+
+class _Job:
+    """One submitted call: its function (pickled once), how to call it, its result
+    object, and the batches not yet sent (a list, or an iterable read lazily)."""
+
+    def __init__(self, func_bytes: bytes, mode: str, result: Any,
+                 source: Iterator[Any] | None = None, chunksize: int = 1) -> None:
+        self.func = func_bytes
+        self.key = hashlib.blake2b(func_bytes, digest_size=16).hexdigest()
+        self.mode = mode
+        self.result = result
+        self.tasks: collections.deque[_Task] = collections.deque()
+        self.source = source  # imap: the caller's iterator, read as workers free up
+        self.chunksize = chunksize
+        self.chunks = 0
+
+    def take(self) -> _Task | None:
+        """The next task to send; None when this job has no more."""
+        if self.result.ready():  # it already failed: the rest need not run
+            self.drop()
+            return None
+        if self.tasks:
+            return self.tasks.popleft()
+        while self.source is not None:
+            index = self.chunks
+            try:
+                batch = list(itertools.islice(self.source, self.chunksize))
+            except Exception as exc:  # the input raised: its chunk raises, the input ends
+                self.result._set(index, False, exc)
+                self._end(index + 1)
+                return None
+            if not batch:
+                self._end(index)
+                return None
+            self.chunks += 1
+            try:
+                payload = _pickle_payload(batch)
+            except Exception as exc:  # as multiprocessing: this chunk fails, the rest go on
+                self.result._set(index, False, exc)
+                continue
+            return _Task(self, index, batch, payload)
+        return None
+
+    def _end(self, chunks: int) -> None:
+        self.source = None
+        self.result._set_length(chunks)
+
+    def drop(self) -> None:
+        for task in self.tasks:
+            task.release()
+        self.tasks.clear()
+        self.source = None
 
 
 # -- the pool ------------------------------------------------------------------------
@@ -276,13 +575,23 @@ class Pool:
     processes : int, optional
         Number of workers (default: the usable cores).
     initializer : callable, optional
-        Called as ``initializer(*initargs)`` in each worker when it starts.
-    initargs : tuple
+        Called as ``initializer(*initargs)`` in each worker when it starts. If it
+        raises, the pool is broken: every task fails with
+        ``concurrent.futures.process.BrokenProcessPool`` naming it.
+    initargs : iterable
+        Arguments of ``initializer``.
     maxtasksperchild : int, optional
         Replace a worker after it has run this many tasks (batches).
     context : object, optional
         Accepted for compatibility and ignored: workers are always fresh
         interpreters (never forked), whatever the start method.
+
+    Raises
+    ------
+    ValueError
+        If ``processes`` or ``maxtasksperchild`` is not a positive int.
+    TypeError
+        If ``initializer`` is not callable or cannot be pickled.
 
     Examples
     --------
@@ -292,8 +601,10 @@ class Pool:
     [1, 2, 3]
     """
 
-    def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
-                 context=None) -> None:
+    def __init__(self, processes: int | None = None,
+                 initializer: Callable[..., object] | None = None,
+                 initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
+                 context: Any = None) -> None:
         if processes is None:
             processes = _config.usable_cores()
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
@@ -305,21 +616,32 @@ class Pool:
             or maxtasksperchild <= 0
         ):
             raise ValueError("maxtasksperchild must be a positive int or None")
-        import cloudpickle
-
-        self._init = (cloudpickle.dumps((initializer, tuple(initargs)))
-                      if initializer is not None else None)
+        self._init: bytes | None = None
+        self._init_name = ""
+        if initializer is not None:
+            self._init = _pickle_function((initializer, tuple(initargs)))  # type: ignore[arg-type]
+            self._init_name = getattr(initializer, "__qualname__", None) or repr(initializer)
+        self._processes = processes
         self._maxtasks = maxtasksperchild
         self._state = RUN
+        self._broken: tuple[str, BaseException] | None = None
         self._lock = threading.RLock()
-        self._tasks: collections.deque = collections.deque()
-        self._jobs: dict[int, object] = {}
-        self._busy: dict = {}  # worker -> (task, result object, index, keepalive)
-        self._counts: dict = {}
+        self._job_numbers = itertools.count()
+        self._tasks: collections.deque[_Job] = collections.deque()
+        self._retry: collections.deque[_Task] = collections.deque()
+        self._jobs: dict[int, Any] = {}
+        self._busy: dict[Any, _Task] = {}
+        self._counts: dict[Any, int] = {}
         self._workers: list = []
         self._wakeup_r, self._wakeup_w = _pipe()
-        for _ in range(processes):
-            self._workers.append(self._start_worker())
+        try:
+            for _ in range(processes):
+                self._workers.append(self._start_worker())
+        except BaseException:  # never leave the workers already started behind
+            self._state = TERMINATE
+            _shutdown(self._workers, self._wakeup_w)
+            self._wakeup_r.close()
+            raise
         self._handler = threading.Thread(target=self._handle, name="coremap-pool-handler",
                                          daemon=True)
         self._handler.start()
@@ -331,120 +653,309 @@ class Pool:
 
         w = _Worker(len(self._workers))
         if self._init is not None:
-            w.conn.send_bytes(pickle.dumps(InitSpec(None, self._init)))
+            # a worker dead already fails this send: its sentinel reports it, and it
+            # is replaced like any other dead worker
+            _send_quietly(w, InitSpec(INIT_TASK, self._init))
         self._counts[w] = 0
         return w
+
+    @property
+    def _pool(self) -> list:
+        """The worker processes (``pid``, ``is_alive()``), as ``multiprocessing.Pool._pool``."""
+        with self._lock:
+            return [w.process for w in self._workers]
+
+    def _repopulate_pool(self) -> None:
+        """Kept for code written against ``multiprocessing.Pool``: the handler thread
+        replaces workers as they exit; this waits for a replacement in progress."""
+        with self._lock:
+            pass
 
     def _check_running(self) -> None:
         if self._state != RUN:
             raise ValueError("Pool not running")
 
     # -- submitting ----------------------------------------------------------------------
-    def _submit(self, func, batches, result, mode: str = "map") -> None:
-        """Pickle every batch now (so bad arguments raise here), then queue them."""
-        import cloudpickle
-
-        try:
-            func_bytes = cloudpickle.dumps(func)
-        except Exception as exc:
-            raise TypeError(f"cannot send {func!r} to the pool's workers: {exc}") from exc
-        key = hashlib.blake2b(func_bytes, digest_size=16).hexdigest()
-        tasks = []
-        for index, batch in batches:
-            try:
-                data, info, seg = dumps_shared(batch)
-            except Exception as exc:
-                raise TypeError(f"cannot send the arguments of task {index} to the pool's "
-                                f"workers: {exc}") from exc
-            keep = [seg] if seg is not None else []
-            tasks.append((TaskSpec(None, func_bytes, key, data, info, mode, SHARE_BYTES),
-                          result, index, keep))
+    def _submit(self, job: _Job) -> None:
         with self._lock:
             self._check_running()
-            self._jobs[id(result)] = result
-            self._tasks.extend(tasks)
+            if self._broken is not None:
+                job.drop()
+                job.result._abort(self._broken_error())
+                return
+            self._jobs[job.result._job] = job.result
+            self._tasks.append(job)
         self._wake()
 
-    def apply_async(self, func, args=(), kwds=None, callback=None, error_callback=None):
+    def _eager_job(self, func: Callable[..., Any], batches: list[tuple[int, list]], result: Any,
+                   mode: str) -> _Job:
+        """A job whose batches are all pickled now, so bad arguments raise here, with
+        their own exception (large buffers are staged only when each batch is sent)."""
+        job = _Job(_pickle_function(func), mode, result)
+        for index, batch in batches:
+            try:
+                payload = _pickle_payload(batch)
+            except Exception as exc:
+                if hasattr(exc, "add_note"):  # Python 3.11+; the exception keeps its type
+                    exc.add_note(f"(while sending the arguments of task {index} to the "
+                                 "pool's workers)")
+                raise
+            job.tasks.append(_Task(job, index, batch, payload))
+        return job
+
+    def apply_async(self, func: Callable[..., _T], args: Iterable[Any] = (),
+                    kwds: Mapping[str, Any] | None = None,
+                    callback: Callable[[_T], object] | None = None,
+                    error_callback: Callable[[BaseException], object] | None = None,
+                    ) -> AsyncResult[_T]:
+        """Call ``func(*args, **kwds)`` in a worker; return at once.
+
+        Parameters
+        ----------
+        func : callable
+            Sent by reference when the workers can import it, else by value
+            (cloudpickle: lambdas and closures work).
+        args : iterable
+            Positional arguments.
+        kwds : mapping, optional
+            Keyword arguments.
+        callback : callable, optional
+            Called with the result in the pool's handler thread; what it raises
+            goes to ``threading.excepthook`` and the pool goes on.
+        error_callback : callable, optional
+            Called with the exception instead, when the call fails.
+
+        Returns
+        -------
+        AsyncResult
+
+        Raises
+        ------
+        ValueError
+            If the pool is not running.
+        BaseException
+            What pickling ``func`` or the arguments raised (``TypeError`` for a
+            lock, for example), before anything is sent.
+        """
         self._check_running()
-        result = AsyncResult(self, callback, error_callback)
-        self._submit(func, [(0, [(tuple(args), dict(kwds or {}))])], result, mode="apply")
+        result: AsyncResult[_T] = AsyncResult(self, callback, error_callback)
+        self._submit(self._eager_job(func, [(0, [(tuple(args), dict(kwds or {}))])], result,
+                                     "apply"))
         return result
 
-    def apply(self, func, args=(), kwds=None):
+    def apply(self, func: Callable[..., _T], args: Iterable[Any] = (),
+              kwds: Mapping[str, Any] | None = None) -> _T:
+        """Call ``func(*args, **kwds)`` in a worker and wait for the result.
+
+        Parameters
+        ----------
+        func : callable
+        args : iterable
+        kwds : mapping, optional
+
+        Returns
+        -------
+        object
+            What ``func`` returned.
+
+        Raises
+        ------
+        BaseException
+            What ``func`` raised, with the worker's traceback as ``__cause__``
+            (a ``multiprocessing.pool.RemoteTraceback``).
+
+        Examples
+        --------
+        >>> import coremap as cm
+        >>> with cm.Pool(1) as pool:
+        ...     pool.apply(pow, (2, 10))
+        1024
+        """
         return self.apply_async(func, args, kwds).get()
 
-    def _batches(self, iterable, chunksize, star):
+    def _batches(self, iterable: Iterable[Any], chunksize: int | None
+                 ) -> list[tuple[int, list]]:
         items = list(iterable)
         if chunksize is None:
-            chunksize, extra = divmod(len(items), len(self._workers) * 4)
+            chunksize, extra = divmod(len(items), self._processes * 4)
             if extra:
                 chunksize += 1
         if len(items) == 0:
-            return [], 0
+            return []
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize}")
-        batches = [(i, items[k:k + chunksize])
-                   for i, k in enumerate(range(0, len(items), chunksize))]
-        return batches, len(batches)
+        return [(i, items[k:k + chunksize]) for i, k in enumerate(range(0, len(items), chunksize))]
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
-        return self._map_async(func, iterable, chunksize, callback, error_callback, False)
+    def map_async(self, func: Callable[[_S], _T], iterable: Iterable[_S],
+                  chunksize: int | None = None,
+                  callback: Callable[[list[_T]], object] | None = None,
+                  error_callback: Callable[[BaseException], object] | None = None,
+                  ) -> MapResult[_T]:
+        """:meth:`map` without waiting: return a result object at once.
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None,
-                      error_callback=None):
-        return self._map_async(func, iterable, chunksize, callback, error_callback, True)
+        Parameters
+        ----------
+        func : callable
+        iterable : iterable
+            Read whole now (as ``multiprocessing`` does).
+        chunksize : int, optional
+            Items per task (default: about four tasks per worker).
+        callback, error_callback : callable, optional
+            As in :meth:`apply_async`.
 
-    def _map_async(self, func, iterable, chunksize, callback, error_callback, star):
+        Returns
+        -------
+        MapResult
+        """
+        return self._map_async(func, iterable, chunksize, callback, error_callback, "map")
+
+    def starmap_async(self, func: Callable[..., _T], iterable: Iterable[Iterable[Any]],
+                      chunksize: int | None = None,
+                      callback: Callable[[list[_T]], object] | None = None,
+                      error_callback: Callable[[BaseException], object] | None = None,
+                      ) -> MapResult[_T]:
+        """:meth:`starmap` without waiting: return a result object at once.
+
+        Parameters
+        ----------
+        func : callable
+        iterable : iterable of iterables
+            Argument tuples.
+        chunksize : int, optional
+        callback, error_callback : callable, optional
+
+        Returns
+        -------
+        MapResult
+        """
+        return self._map_async(func, iterable, chunksize, callback, error_callback, "star")
+
+    def _map_async(self, func, iterable, chunksize, callback, error_callback, mode):
         self._check_running()
-        if not hasattr(iterable, "__len__"):
-            iterable = list(iterable)
-        batches, n = self._batches(iterable, chunksize, star)
-        result = MapResult(self, n, callback, error_callback)
-        if n:
-            self._submit(func, batches, result, mode="star" if star else "map")
+        batches = self._batches(iterable, chunksize)
+        result: MapResult = MapResult(self, len(batches), callback, error_callback)
+        if batches:
+            self._submit(self._eager_job(func, batches, result, mode))
         return result
 
-    def map(self, func, iterable, chunksize=None):
+    def map(self, func: Callable[[_S], _T], iterable: Iterable[_S],
+            chunksize: int | None = None) -> list[_T]:
+        """``list(map(func, iterable))``, computed by the workers.
+
+        Parameters
+        ----------
+        func : callable
+        iterable : iterable
+        chunksize : int, optional
+            Items per task (default: about four tasks per worker).
+
+        Returns
+        -------
+        list
+
+        Raises
+        ------
+        BaseException
+            The first exception of ``func`` (by task), with the worker's
+            traceback as ``__cause__``; :class:`~coremap.WorkerCrashedError` if a
+            worker died.
+
+        Examples
+        --------
+        >>> import coremap as cm
+        >>> with cm.Pool(2) as pool:
+        ...     pool.map(abs, range(-3, 1))
+        [3, 2, 1, 0]
+        """
         return self.map_async(func, iterable, chunksize).get()
 
-    def starmap(self, func, iterable, chunksize=None):
+    def starmap(self, func: Callable[..., _T], iterable: Iterable[Iterable[Any]],
+                chunksize: int | None = None) -> list[_T]:
+        """``list(itertools.starmap(func, iterable))``, computed by the workers.
+
+        Parameters
+        ----------
+        func : callable
+        iterable : iterable of iterables
+        chunksize : int, optional
+
+        Returns
+        -------
+        list
+
+        Examples
+        --------
+        >>> import coremap as cm
+        >>> with cm.Pool(2) as pool:
+        ...     pool.starmap(pow, [(2, 3), (3, 2)])
+        [8, 9]
+        """
         return self.starmap_async(func, iterable, chunksize).get()
 
-    def imap(self, func, iterable, chunksize=1):
+    def imap(self, func: Callable[[_S], _T], iterable: Iterable[_S],
+             chunksize: int = 1) -> IMapIterator[_T]:
+        """An iterator of ``func``'s results, in order, as they come.
+
+        The iterable is read lazily, as workers free up (an endless one works);
+        if it raises, the iterator raises at that item's chunk.
+
+        Parameters
+        ----------
+        func : callable
+        iterable : iterable
+        chunksize : int
+            Items per task.
+
+        Returns
+        -------
+        IMapIterator
+            Its ``next(timeout)`` takes a timeout.
+
+        Examples
+        --------
+        >>> import itertools, coremap as cm
+        >>> with cm.Pool(2) as pool:
+        ...     it = pool.imap(abs, itertools.count(-2))
+        ...     [next(it) for _ in range(4)]
+        [2, 1, 0, 1]
+        """
         return self._imap(func, iterable, chunksize, ordered=True)
 
-    def imap_unordered(self, func, iterable, chunksize=1):
+    def imap_unordered(self, func: Callable[[_S], _T], iterable: Iterable[_S],
+                       chunksize: int = 1) -> IMapIterator[_T]:
+        """Like :meth:`imap`, with results in the order they are done.
+
+        Parameters
+        ----------
+        func : callable
+        iterable : iterable
+        chunksize : int
+
+        Returns
+        -------
+        IMapIterator
+        """
         return self._imap(func, iterable, chunksize, ordered=False)
 
     def _imap(self, func, iterable, chunksize, ordered):
         self._check_running()
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
-        it = (_OrderedIter if ordered else IMapIterator)(self)
-        items, failure = [], None
-        try:
-            for item in iterable:  # consumed now; an error is raised in its place
-                items.append(item)
-        except Exception as exc:
-            failure = exc
-        batches, n = self._batches(items, chunksize, False) if items else ([], 0)
-        if n:
-            self._submit(func, batches, it)
-        if failure is not None:
-            it._set(n, False, failure)
-            n += 1
-        it._set_length(n)
+            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        source = iter(iterable)
+        it: IMapIterator = (_OrderedIter if ordered else IMapIterator)(self)
+        self._submit(_Job(_pickle_function(func), "map", it, source, chunksize))
         return it
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
+        """Accept no more tasks; the workers exit once the queued ones are done."""
         with self._lock:
             if self._state == RUN:
                 self._state = CLOSE
         self._wake()
 
     def terminate(self) -> None:
+        """Stop the workers now; outstanding results fail instead of hanging."""
         with self._lock:
             self._state = TERMINATE
         self._wake()
@@ -453,6 +964,15 @@ class Pool:
         self._finalizer()
 
     def join(self) -> None:
+        """Wait for the workers to exit (after :meth:`close` or :meth:`terminate`).
+
+        Raises
+        ------
+        ValueError
+            If the pool is still running.
+        RuntimeError
+            If called from a callback (the handler thread).
+        """
         if self._state == RUN:
             raise ValueError("Pool is still running")
         if threading.current_thread() is self._handler:
@@ -464,11 +984,44 @@ class Pool:
         self._check_running()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.terminate()
 
     def __repr__(self) -> str:
         return f"<coremap.Pool state={self._state} pool_size={len(self._workers)}>"
+
+    def __reduce__(self):
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    def __del__(self, _warn=warnings.warn) -> None:
+        # as multiprocessing.Pool: a pool collected while running was never closed
+        if getattr(self, "_state", None) == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
+                  source=self)
+
+    # -- the broken state ------------------------------------------------------------------
+    def _broken_error(self) -> BrokenProcessPool:
+        assert self._broken is not None
+        what, cause = self._broken
+        err = BrokenProcessPool(f"{what} raised {type(cause).__name__}: {cause}; no task can "
+                                "run in this pool (fix it and start a new Pool)")
+        err.__cause__ = cause
+        return err
+
+    def _break(self, what: str, cause: BaseException) -> None:
+        """Fail every task, queued and future (an initializer raised: no worker is usable)."""
+        with self._lock:
+            if self._broken is None:
+                self._broken = (what, cause)
+            jobs = list(self._jobs.values())
+            for job in self._tasks:
+                job.drop()
+            self._tasks.clear()
+            for task in self._retry:
+                task.release()
+            self._retry.clear()
+        for result in jobs:
+            result._abort(self._broken_error())
 
     # -- the handler thread --------------------------------------------------------------
     def _wake(self) -> None:
@@ -484,9 +1037,17 @@ class Pool:
             with self._lock:
                 jobs = list(self._jobs.values())
                 self._jobs.clear()
-            for job in jobs:  # never leave a get() waiting on a pool that is gone
-                job._set(10**9, False, RuntimeError("the pool was terminated before this "
-                                                    "result was computed"))
+                tasks = [*self._busy.values(), *self._retry]
+                self._busy.clear()
+                self._retry.clear()
+                for job in self._tasks:
+                    job.drop()
+                self._tasks.clear()
+            for task in tasks:
+                task.release()
+            for result in jobs:  # never leave a get() waiting on a pool that is gone
+                result._abort(RuntimeError("the pool was terminated before this result "
+                                           "was computed"))
 
     def _loop(self) -> None:
         while True:
@@ -494,11 +1055,12 @@ class Pool:
                 if self._state == TERMINATE:
                     return
                 self._dispatch()
-                if self._state == CLOSE and not self._tasks and not self._busy:
+                if (self._state == CLOSE and not self._tasks and not self._retry
+                        and not self._busy):
                     for w in self._workers:
                         _send_quietly(w, STOP)
                     return
-                conns = {w.conn: w for w in self._busy}
+                conns = {w.conn: w for w in self._workers}
                 sentinels = {w.process.sentinel: w for w in self._workers}
             ready = wait([self._wakeup_r, *conns, *sentinels], timeout=0.5)
             for r in ready:
@@ -511,72 +1073,114 @@ class Pool:
                 if r in sentinels:
                     self._reap(sentinels[r])
 
+    def _next_task(self) -> _Task | None:
+        while self._retry:
+            task = self._retry.popleft()
+            if not task.job.result.ready():
+                return task
+            task.release()
+        while self._tasks:
+            task = self._tasks[0].take()
+            if task is not None:
+                return task
+            self._tasks.popleft()
+        return None
+
+    def _message(self, task: _Task, w) -> TaskSpec:
+        """The message that sends ``task`` (staged) to worker ``w``."""
+        return TaskSpec(task.id, task.job.func, task.job.key, task.payload.data, task.shared,
+                        task.job.mode, SHARE_BYTES, task.inband)
+
     def _dispatch(self) -> None:
         for w in self._workers:
-            if not self._tasks:
-                return
             if w in self._busy or not w.process.is_alive():
                 continue
-            spec, result, index, keep = task = self._tasks.popleft()
-            if result.ready():
-                continue  # its job already failed: skip the rest of it
-            spec = spec._replace(task_id=(id(result), index))
+            task = self._next_task()
+            if task is None:
+                return
             try:
-                w.conn.send_bytes(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
+                task.shared, task.segment, task.inband = _stage(task.payload)
+                data = pickle.dumps(self._message(task, w), protocol=pickle.HIGHEST_PROTOCOL)
+                w.conn.send_bytes(data)
             except OSError:
-                self._tasks.appendleft(task)
+                # it died after the liveness check: the task never reached it, so it
+                # goes to the next worker (its sentinel reports this one)
+                if task.segment is not None:
+                    task.segment.unlink()
+                task.segment = task.shared = task.inband = None
+                self._retry.appendleft(task)
                 continue
             self._busy[w] = task
 
     def _receive(self, w) -> None:
         try:
-            reply = pickle.loads(w.conn.recv_bytes())
+            raw = w.conn.recv_bytes()
         except (EOFError, OSError):
-            return  # it died: its sentinel reports it
-        except Exception as exc:  # a result that cannot be unpickled here
-            with self._lock:
-                task = self._busy.pop(w, None)
-            if task is not None:
-                task[1]._set(task[2], False, MaybeEncodingError(exc, "<result>"))
+            w.process.join(1)  # it died: its sentinel reports it
             return
+        try:
+            reply = pickle.loads(raw)
+        except Exception as exc:  # noqa: BLE001 - treated as a reply of unknown kind
+            reply = exc
         with self._lock:
             task = self._busy.pop(w, None)
-            self._counts[w] = self._counts.get(w, 0) + 1
-            retire = self._maxtasks is not None and self._counts[w] >= self._maxtasks
-        if task is None:
+        if isinstance(reply, Reply) and reply.kind == ERROR and reply.task_id == INIT_TASK:
+            if task is not None:
+                task.release()
+            self._break(f"the pool's initializer {self._init_name}()", _rebuild_error(reply))
             return
-        _, result, index, keep = task
+        try:
+            if task is None:
+                raise ProtocolError(f"a worker holding no task sent {reply!r:.100}")
+            check_reply(reply, task.id, (RESULT,))
+        except ProtocolError as exc:
+            self._protocol_error(w, task, exc)
+            return
+        with self._lock:
+            self._counts[w] = self._counts.get(w, 0) + 1
+            retire = (reply.kind == ERROR and reply.error.exits) or (
+                self._maxtasks is not None and self._counts[w] >= self._maxtasks)
+        result, index = task.job.result, task.index
+        task.release()  # argument segments: the worker is done with them
         if reply.kind == RESULT:
             try:
                 values = loads_shared(*reply.value, unlink=True)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a result that cannot be unpickled here
                 result._set(index, False, MaybeEncodingError(exc, "<result>"))
             else:
                 result._set(index, True, values)
         else:
-            from coremap.engines._processes import rebuild_error
-
-            result._set(index, False, rebuild_error(reply))
-            if reply.error.exits:
-                retire = True
-        for seg in keep:  # argument segments: the worker is done with them
-            seg.unlink()
-        keep.clear()
+            result._set(index, False, _rebuild_error(reply))
         if retire:
             self._replace(w, graceful=True)
 
+    def _protocol_error(self, w, task: _Task | None, exc: ProtocolError) -> None:
+        """A worker said something other than the answer to the task it holds: fail
+        that task (never take the message for its result) and replace the worker."""
+        if task is not None:
+            task.job.result._set(task.index, False, ProtocolError(
+                f"protocol error from pool worker {w.process.pid}: {exc}; the worker was "
+                "replaced"))
+            task.release()
+        self._replace(w, graceful=False)
+
     def _reap(self, w) -> None:
         """A worker died: fail its task, start another (unless the pool is ending)."""
-        if w.process.is_alive() or w not in self._workers:
+        if w not in self._workers or w.process.is_alive():
             return
+        if w.conn.poll():  # its last words (a result, a failed initializer) come first
+            self._receive(w)
+            if w not in self._workers:
+                return
         with self._lock:
             task = self._busy.pop(w, None)
         if task is not None:
             code = w.process.exitcode
             how = _describe_exit(code)
-            task[1]._set(task[2], False, WorkerCrashedError(
-                f"pool worker {w.process.pid} died ({how}) while running task {task[2]}",
+            task.job.result._set(task.index, False, WorkerCrashedError(
+                f"pool worker {w.process.pid} died ({how}) while running task {task.index}",
                 pid=w.process.pid, exitcode=code))
+            task.release()
         _shm.cleanup_stale()  # result segments it may have left behind
         self._replace(w, graceful=False)
 
@@ -590,18 +1194,26 @@ class Pool:
                 w.process.join(2)
             w.kill()
             self._counts.pop(w, None)
-            if self._state != TERMINATE:
+            if self._state == TERMINATE or self._broken is not None:
+                del self._workers[i]
+                return
+            try:
                 self._workers[i] = self._start_worker()
+            except OSError as exc:  # no process can start (pid or memory limit)
+                del self._workers[i]
+                if not self._workers:
+                    self._break("starting a pool worker", exc)
 
 
-def _send_quietly(w, msg) -> None:
+def _send_quietly(w, msg) -> bool:
     try:
         w.conn.send_bytes(pickle.dumps(msg))
     except OSError:
-        pass
+        return False
+    return True
 
 
-def _describe_exit(code) -> str:
+def _describe_exit(code: int | None) -> str:
     import signal
 
     if code is not None and code < 0:
@@ -618,7 +1230,7 @@ def _pipe():
     return Pipe(duplex=False)
 
 
-def _shutdown(workers, wakeup_w) -> None:
+def _shutdown(workers: list, wakeup_w) -> None:
     """Stop the workers (terminate, join, garbage collection and exit all end here)."""
     for w in list(workers):
         _send_quietly(w, STOP)

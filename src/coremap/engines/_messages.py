@@ -114,10 +114,12 @@ class TaskSpec(NamedTuple):
     shared: Any
     mode: str  # "map", "star" or "apply"
     share_bytes: int
+    buffers: Any = None  # the large buffers, when shared memory is short (pipe fallback)
 
 
 class InitSpec(NamedTuple):
-    """A ``Pool`` initializer: ``cloudpickle`` of ``(initializer, initargs)``."""
+    """A ``Pool`` initializer: the pickled ``(initializer, initargs)``; answered only
+    when it raises (an ERROR reply with this ``task_id``), and the worker then exits."""
 
     task_id: Any
     func: bytes

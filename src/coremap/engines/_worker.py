@@ -117,7 +117,7 @@ def run_task(spec: TaskSpec, funcs: dict) -> Reply:
     from coremap import pool
 
     func = _load(spec, funcs)
-    items = pool.loads_shared(spec.args, spec.shared)
+    items = pool.loads_shared(spec.args, spec.shared, buffers=spec.buffers)
     mode = spec.mode
     if mode == "map":
         calls = map(func, items)
@@ -134,10 +134,21 @@ def run_task(spec: TaskSpec, funcs: dict) -> Reply:
         k = len(results)
         return _report(exc, spec.task_id, k, k + 1)
     try:
-        payload = pool.export_results(results, spec.share_bytes)
+        payload = pool.export_results(results, spec.share_bytes, warn=False)
     except BaseException as exc:  # a result that cannot be pickled
         return _report(pool.encoding_error(exc, results), spec.task_id, -1, -1)
     return Reply(RESULT, spec.task_id, payload)
+
+
+def _initialize(conn, spec: InitSpec) -> bool:
+    """Run a Pool's initializer; if it raises, report it (answering the InitSpec's id)."""
+    try:
+        initializer, initargs = pickle.loads(spec.func)
+        initializer(*initargs)
+    except BaseException as exc:  # noqa: BLE001 - the parent fails every task with it
+        conn.send_bytes(pickle.dumps(_report(exc, spec.task_id, -1, -1)))
+        return False
+    return True
 
 
 def probe(spec: ProbeSpec) -> Reply:
@@ -237,11 +248,9 @@ def main(conn, parent_pid: int) -> None:
             elif isinstance(msg, TaskSpec):
                 reply = run_task(msg, funcs)
             elif isinstance(msg, InitSpec):
-                import cloudpickle
-
-                initializer, initargs = cloudpickle.loads(msg.func)
-                initializer(*initargs)
-                continue
+                if _initialize(conn, msg):
+                    continue
+                return  # its initializer raised: the parent breaks the pool
             else:
                 raise TypeError(f"unknown request {type(msg).__name__}")
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
