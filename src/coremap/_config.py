@@ -14,6 +14,16 @@ from collections.abc import Iterator
 BACKENDS = ("auto", "threads", "serial", "processes")
 SCHEDULES = ("guided", "dynamic", "static")
 
+# Element counts, chunk lengths and indices are int64 in the runner (_runner.pyx).
+MAX_ELEMENTS = 2**63 - 1
+# workers= above this many per usable core is refused: more threads or processes
+# than that only add switching and memory, and a typo like workers=10**9 would
+# otherwise start threads until the system refuses (issue: hardening, item 12).
+# 32 per core leaves room for I/O-bound vectorized functions on threads.
+WORKERS_PER_CORE_MAX = 32
+# ... and never fewer than this many, whatever the affinity mask says.
+WORKERS_MIN_LIMIT = 64
+
 _local = threading.local()
 
 
@@ -25,8 +35,9 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def check_positive_int(value: object, name: str = "workers") -> int:
-    """Return ``value`` as a positive int, or raise a message that says why not."""
+def check_positive_int(value: object, name: str = "workers", maximum: int | None = None) -> int:
+    """Return ``value`` as a positive int (at most ``maximum``), or raise a message that
+    says why not."""
     import numbers
 
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -35,7 +46,26 @@ def check_positive_int(value: object, name: str = "workers") -> int:
         )
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:,}, got {value:,}")
     return int(value)
+
+
+def max_workers() -> int:
+    """The largest ``workers=`` accepted (see ``WORKERS_PER_CORE_MAX``)."""
+    return max(WORKERS_MIN_LIMIT, WORKERS_PER_CORE_MAX * usable_cores())
+
+
+def check_workers(value: object, name: str = "workers") -> int:
+    """``value`` as a number of workers: a positive int, at most ``max_workers()``."""
+    workers = check_positive_int(value, name)
+    limit = max_workers()
+    if workers > limit:
+        raise ValueError(
+            f"{name}={workers:,} is more than {WORKERS_PER_CORE_MAX} per usable core "
+            f"({usable_cores()} usable, so at most {limit}); pass a smaller number or None "
+            "for one per core")
+    return workers
 
 
 def check_backend(backend: object) -> object:
@@ -66,7 +96,7 @@ def _from_env(key: str) -> object | None:
             raise ValueError(
                 f"COREMAP_WORKERS must be a positive integer, got {raw!r}"
             ) from None
-        return check_positive_int(value, "COREMAP_WORKERS")
+        return check_workers(value, "COREMAP_WORKERS")
     if key == "backend":
         if raw not in BACKENDS:
             raise ValueError(f"COREMAP_BACKEND must be one of {BACKENDS}, got {raw!r}")
@@ -139,7 +169,7 @@ def config(*, workers: int | None = None, backend: object = None) -> Iterator[No
     """
     frame: dict[str, object] = {}
     if workers is not None:
-        frame["workers"] = check_positive_int(workers)
+        frame["workers"] = check_workers(workers)
     if backend is not None:
         frame["backend"] = check_backend(backend)
     stack = _stack()

@@ -1,5 +1,14 @@
-"""Public exceptions. Each subclasses a stdlib type so existing ``except`` clauses work."""
+"""Public exceptions and warnings. Each subclasses a stdlib type so existing ``except``
+clauses and warning filters work.
+
+The bottom of the import graph: every layer (front ends, planner, engines) may
+import this module, and it imports nothing of coremap.
+"""
 from __future__ import annotations
+
+
+class CoremapWarning(UserWarning):
+    """A call ran, but not the way you probably wanted (the message says how to fix it)."""
 
 
 class WorkerCrashedError(RuntimeError):

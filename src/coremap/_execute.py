@@ -98,15 +98,7 @@ def _prepare_views(plan, out: np.ndarray):
     return space  # None if out itself is the obstacle
 
 
-def _output(plan) -> tuple[np.ndarray, np.ndarray]:
-    """``(target, out)``: where kernels write, and what the call returns."""
-    out = plan.out
-    if out is None:
-        target = np.empty(plan.shape, plan.out_dtype, order=plan.order)
-        return target, target
-    if _layout.needs_native_copy(out):
-        return np.empty(plan.shape, out.dtype.newbyteorder("="), order=plan.order), out
-    return out, out
+_output = _layout.allocate_output  # the name the process engine's path uses
 
 
 def _probe_args(plan) -> list:
@@ -118,7 +110,7 @@ def _probe_args(plan) -> list:
 
 
 def execute(plan, progress: bool = False) -> np.ndarray:
-    """Run ``plan`` (from ``make_plan``) and return the output array."""
+    """Run a call (a ``_plan.Call``, from ``plan_call``) and return the output array."""
     if plan.adapter is not None and plan.size:
         from coremap.engines import _cluster
 
@@ -130,7 +122,7 @@ def execute(plan, progress: bool = False) -> np.ndarray:
         # The probe runs the function once on a few elements before any allocation.
         plan.out_dtype = probe_dtype(plan.func, plan.kind, plan.func_name,
                                      [i.is_scalar for i in plan.inputs], _probe_args(plan))
-    target, out = _output(plan)
+    target, out = _layout.allocate_output(plan)
     if plan.size == 0:
         return out
     space = _prepare_views(plan, target)

@@ -14,6 +14,7 @@ in a way that an element-wise pass could corrupt.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -66,10 +67,24 @@ def normalize_inputs(arrays: object) -> tuple[list[Input], tuple[int, ...]]:
     try:
         shape = np.broadcast_shapes(*shapes)
     except ValueError:
-        raise ValueError(
-            f"inputs do not broadcast together: shapes {', '.join(map(str, shapes))}"
-        ) from None
+        raise _broadcast_error(shapes) from None
     return inputs, tuple(shape)
+
+
+def _broadcast_error(shapes: list[tuple[int, ...]]) -> ValueError:
+    """The error for shapes NumPy refused: incompatible, or too many elements."""
+    ndim = max(len(s) for s in shapes)
+    padded = [(1,) * (ndim - len(s)) + tuple(s) for s in shapes]
+    dims = []
+    for sizes in zip(*padded):
+        big = {n for n in sizes if n != 1}
+        if len(big) > 1:
+            return ValueError(
+                f"inputs do not broadcast together: shapes {', '.join(map(str, shapes))}")
+        dims.append(big.pop() if big else 1)
+    return ValueError(
+        f"inputs broadcast to shape {tuple(dims)}, whose {math.prod(dims):,} elements "
+        "overflow a 64-bit index: the size is too large")
 
 
 def memory_order(inputs: list[Input], shape: tuple[int, ...], out: np.ndarray | None) -> str:
@@ -228,3 +243,19 @@ def same_elements(a: np.ndarray, b: np.ndarray) -> bool:
         and a.shape == b.shape
         and a.dtype == b.dtype
     )
+
+
+def allocate_output(call) -> tuple[np.ndarray, np.ndarray]:
+    """``(target, out)`` for a call: where kernels write, and what the call returns.
+
+    ``target`` is ``call.out`` itself, or a new native array of the call's shape,
+    dtype and order: when no ``out=`` was given, and for an ``out=`` that is
+    byte-swapped or unaligned (copied back into ``out`` at the end).
+    """
+    out = call.out
+    if out is None:
+        target = np.empty(call.shape, call.out_dtype, order=call.order)
+        return target, target
+    if needs_native_copy(out):
+        return np.empty(call.shape, out.dtype.newbyteorder("="), order=call.order), out
+    return out, out

@@ -20,8 +20,10 @@ Inside a process-engine worker every call runs serially (no nested pools).
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,6 +47,9 @@ DYNAMIC_CHUNKS_PER_WORKER = 16
 # 1.1 ms, about what 1,000 elements of a ~1 us function cost in the caller.
 PROCESS_MIN_SIZE = 1_000
 
+# Kinds whose kernel is native code the runner calls without the GIL.
+NATIVE_KINDS = frozenset({"builtin", "numba"})
+
 KINDS = {
     "builtin": "built-in Cython kernel (no GIL, no compile)",
     "numba": "scalar function compiled by Numba into a GIL-free chunk kernel",
@@ -54,9 +59,79 @@ KINDS = {
 }
 
 
-@dataclass(repr=False)
+# The keyword options of ``parallel_map`` and their defaults: the one table that
+# the fast path's condition is derived from (``all_default``), so a new keyword
+# cannot silently skip the planner's checks (tests/test_house.py compares this
+# table with parallel_map's signature).
+OPTION_DEFAULTS: dict[str, object] = {
+    "out": None,
+    "dtype": None,
+    "vectorized": False,
+    "backend": None,
+    "workers": None,
+    "chunk_size": None,
+    "schedule": "guided",
+    "progress": False,
+    "timeout": None,
+    "retries": 0,
+}
+
+
+def _compile_all_default():
+    # Generated from the table, as dataclasses and namedtuple generate their methods:
+    # a call that must pass every option by name (a missing or unknown one is a
+    # TypeError on the first call), compared by identity, in ~0.2 us. A generic loop
+    # over locals() measured 0.8-1.2 us, a fifth of a cached call's time (W5).
+    # Identity is conservative: an equal but distinct value takes the full path.
+    names = list(OPTION_DEFAULTS)
+    namespace = {f"_d{k}": v for k, v in enumerate(OPTION_DEFAULTS.values())}
+    test = " and ".join(f"{n} is _d{k}" for k, n in enumerate(names))
+    exec(f"def all_default(*, {', '.join(names)}):\n    return {test}\n", namespace)
+    function = namespace["all_default"]
+    function.__doc__ = "True when every option of ``parallel_map`` is at its default."
+    function.__module__ = __name__
+    return function
+
+
+all_default = _compile_all_default()
+
+
+@dataclass(frozen=True, repr=False)
 class Plan:
-    """How one ``parallel_map`` call runs, and why. ``print`` it, or look at the fields."""
+    """How one ``parallel_map`` call runs, and why: what :func:`coremap.explain` returns.
+
+    ``print`` it, or read the fields. A plan is a frozen description; running a
+    call never changes it.
+
+    Attributes
+    ----------
+    engine : str
+        ``"serial"``, ``"threads"``, ``"processes"`` or a cluster engine's name.
+    kind : str
+        The kernel kind (see ``KINDS``).
+    func_name : str
+        The function's qualified name.
+    shape : tuple of int
+        The broadcast shape.
+    size : int
+        The number of elements.
+    in_dtypes : tuple of numpy.dtype
+        The inputs' dtypes as kernels see them.
+    out_dtype : numpy.dtype or None
+        The result dtype; None when only the function's first results tell it.
+    order : {"C", "F"}
+        The iteration order.
+    workers : int
+        Workers (or a cluster's engine slots).
+    schedule : str
+        ``"guided"``, ``"dynamic"`` or ``"static"``.
+    chunk, max_chunk : int
+        Chunk lengths in elements.
+    reasons : tuple of str
+        Why each choice was made.
+    warning : str or None
+        A warning ``parallel_map`` emits for this call.
+    """
 
     engine: str
     kind: str
@@ -64,22 +139,14 @@ class Plan:
     shape: tuple[int, ...]
     size: int
     in_dtypes: tuple[np.dtype, ...]
-    out_dtype: np.dtype | None  # None: known after the first chunk runs
+    out_dtype: np.dtype | None
     order: str
     workers: int
     schedule: str
     chunk: int
     max_chunk: int
-    reasons: list[str] = field(default_factory=list)
+    reasons: tuple[str, ...] = ()
     warning: str | None = None
-    # what execution needs (not part of the printed plan)
-    func: object = None
-    inputs: list[Input] = field(default_factory=list)
-    out: np.ndarray | None = None
-    timeout: float | None = None
-    retries: int = 0
-    adapter: object = None  # a cluster engine's adapter
-    auto: bool = False  # chosen by backend="auto" (may still fall back to serial)
 
     def __str__(self) -> str:
         dtypes = ", ".join(str(d) for d in self.in_dtypes)
@@ -105,6 +172,49 @@ class Plan:
 
     def _repr_pretty_(self, p, cycle) -> None:  # IPython
         p.text(str(self))
+
+
+@dataclass(eq=False, slots=True)
+class Call:
+    """One call being run: its frozen :class:`Plan` plus what execution needs.
+
+    The plan's fields are copied here (engines and kernels read them on every
+    call, so no indirection), with ``out_dtype`` the one that may still be
+    learnt while running (from the function's first results). Engines receive
+    a ``Call``; users only ever see the ``Plan``. Build one with :meth:`of`.
+    """
+
+    plan: Plan
+    engine: str
+    kind: str
+    func_name: str
+    shape: tuple[int, ...]
+    size: int
+    in_dtypes: tuple[np.dtype, ...]
+    out_dtype: np.dtype | None
+    order: str
+    workers: int
+    schedule: str
+    chunk: int
+    max_chunk: int
+    warning: str | None
+    func: object
+    inputs: list[Input]
+    out: np.ndarray | None
+    timeout: float | None
+    retries: int
+    adapter: object  # a cluster engine's adapter, or None
+
+    @classmethod
+    def of(cls, plan: Plan, func, inputs, out, timeout, retries, adapter) -> Call:
+        """The call that runs ``plan``."""
+        fields = {name: getattr(plan, name) for name in _PLAN_FIELDS}
+        return cls(plan=plan, func=func, inputs=inputs, out=out, timeout=timeout,
+                   retries=retries, adapter=adapter, **fields)
+
+
+_PLAN_FIELDS = ("engine", "kind", "func_name", "shape", "size", "in_dtypes", "out_dtype",
+                "order", "workers", "schedule", "chunk", "max_chunk", "warning")
 
 
 def _func_name(func: object) -> str:
@@ -183,21 +293,23 @@ def _resolve_kind(func, inputs, vectorized):
     return "numba", dt, why, None
 
 
-def make_plan(
-    arrays,
-    func,
-    *,
-    out=None,
-    dtype=None,
-    vectorized=False,
-    backend=None,
-    workers=None,
-    chunk_size=None,
-    schedule="guided",
-    timeout=None,
-    retries=0,
-) -> Plan:
-    """Validate a call and decide how it runs. Raises before any work on bad input."""
+@dataclass(frozen=True)
+class _Options:
+    """The call's options, checked and resolved (defaults filled in)."""
+
+    backend: object  # a name from _config.BACKENDS, or a cluster client
+    workers: int
+    chunk_size: int | None
+    schedule: str
+    timeout: float | None
+    requested: np.dtype | None  # the result dtype asked for (dtype= or out.dtype)
+    retries: int
+    vectorized: bool
+
+
+def _check_options(func, *, dtype, vectorized, backend, workers, chunk_size, schedule,
+                   timeout, retries) -> _Options:
+    """Check every option (not the inputs); raise before any work on a bad one."""
     if not callable(func):
         raise TypeError(f"func must be callable, got {type(func).__name__} {func!r}")
     if not isinstance(vectorized, bool):
@@ -207,11 +319,10 @@ def make_plan(
             f"schedule must be one of {', '.join(map(repr, _config.SCHEDULES))}, got {schedule!r}"
         )
     backend = _config.default_backend() if backend is None else _config.check_backend(backend)
-    if workers is None:
-        workers = _config.default_workers()
-    workers = _config.check_positive_int(workers, "workers")
+    workers = _config.default_workers() if workers is None else _config.check_workers(workers)
     if chunk_size is not None:
-        chunk_size = _config.check_positive_int(chunk_size, "chunk_size")
+        chunk_size = _config.check_positive_int(chunk_size, "chunk_size",
+                                                maximum=_config.MAX_ELEMENTS)
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
             raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
@@ -222,27 +333,37 @@ def make_plan(
         requested = np.dtype(dtype)
         if requested.kind not in "biufc":
             raise TypeError(f"dtype must be numeric, got {requested}")
-
-    inputs, shape = normalize_inputs(arrays)
-    if out is not None:
-        out = _check_out(out, shape)
-        if requested is not None and requested != out.dtype:
-            raise TypeError(f"dtype={requested} disagrees with out.dtype={out.dtype}")
-        requested = out.dtype
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    adapter = None
-    if not isinstance(backend, str):
-        from coremap.engines import _cluster  # loaded only for a cluster client
-
-        adapter = _cluster.adapter_for(backend)
-    elif retries:
+    if retries and isinstance(backend, str):
         raise ValueError("retries= re-runs chunks on a cluster backend (ipyparallel, dask); "
                          f"backend={backend!r} stops at the first error instead")
-    if _config.in_worker() and backend in ("processes", "threads"):
-        backend = "serial"  # nested inside a worker: bounded, never a pool of pools
+    return _Options(backend, workers, chunk_size, schedule, timeout, requested, retries,
+                    vectorized)
 
-    kind, result, why_kind, numba_error = _resolve_kind(func, inputs, vectorized)
+
+def _check_arity(func, nin: int, vectorized: bool) -> None:
+    """A Python function that cannot take ``nin`` arguments: TypeError now, not in a worker."""
+    if isinstance(func, (np.ufunc, Affine)):
+        return  # checked with their kind
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # builtins and extension callables: no signature
+        return
+    try:
+        signature.bind(*range(nin))
+    except TypeError as exc:
+        what = "chunk" if vectorized else "scalar"
+        raise TypeError(
+            f"{_func_name(func)} cannot be called with {nin} {what} argument"
+            f"{'s' if nin != 1 else ''} (one per input): {exc}"
+        ) from None
+
+
+def _choose_kernel(func, inputs, opts: _Options, out):
+    """``(kind, out_dtype, why, numba_error)``: the kernel kind and the result dtype."""
+    kind, result, why_kind, numba_error = _resolve_kind(func, inputs, opts.vectorized)
+    requested = opts.requested
     if (result is not None and requested is not None
             and not np.can_cast(result, requested, "same_kind")):
         who = "out" if out is not None else "dtype"
@@ -251,45 +372,28 @@ def make_plan(
             f"{requested} (casting rule 'same_kind')"
         )
     out_dtype = requested if requested is not None else result
-    size = math.prod(shape)
-    if isinstance(why_kind, list):  # a compiled function: the first reason, then notes
-        reasons = [f"{_func_name(func)}: {why_kind[0]}", *why_kind[1:]]
-    else:
-        reasons = [f"{_func_name(func)}: {why_kind}"]
-    warning = None
+    if isinstance(why_kind, str):
+        why_kind = [why_kind]  # a compiled function gives its reason, then notes
+    return kind, out_dtype, why_kind, numba_error
 
-    native = kind in ("builtin", "numba")
+
+def _choose_engine(kind, opts: _Options, adapter, size, func_name, numba_error):
+    """``(engine, workers, reasons, warning)`` for a call of ``kind`` on ``size`` elements."""
+    backend, workers = opts.backend, opts.workers
+    reasons: list[str] = []
+    warning = None
     if adapter is not None:
         engine = adapter.name
         workers = adapter.engines()
         reasons.append(f"a {adapter.name} client was given: {workers} engine slots, "
                        "chunks balanced by its scheduler, each run with the serial engine")
+    elif _config.in_worker() and backend in ("processes", "threads"):
+        # nested inside a worker: bounded, never a pool of pools
+        engine = "serial"
+        reasons.append("called inside a worker process: runs serially (no nested pools)")
     elif backend == "auto":
-        if kind == "python":
-            engine = "processes" if workers > 1 and size >= PROCESS_MIN_SIZE else "serial"
-            reasons.append(
-                "a function that holds the GIL gains nothing from threads: worker processes "
-                "over shared memory" if engine == "processes" else
-                f"{size} elements of a GIL-holding function: too few for worker processes"
-            )
-            warning = (
-                f"{numba_error}. It runs as plain Python in worker processes; pass "
-                "backend='processes' to silence this warning."
-            )
-        elif workers == 1:
-            engine = "serial"
-            reasons.append("workers=1")
-        else:
-            engine = "threads"
-            reasons.append(
-                "the kernel runs without the GIL"
-                if native
-                else "NumPy releases the GIL inside its loops"
-            )
-            reasons.append(
-                "the calling thread starts alone; the other workers join once the timed "
-                "chunks show that the remaining work outweighs waking them"
-            )
+        engine, why, warning = _auto_engine(kind, workers, size, func_name, numba_error)
+        reasons += why
     else:
         engine = backend
         reasons.append(f"backend={backend!r} was asked for")
@@ -299,46 +403,102 @@ def make_plan(
             reasons.append(f"{numba_error}: plain Python in each worker")
     if engine == "serial":
         workers = 1
-        if timeout is not None:
+        if opts.timeout is not None:
             raise ValueError(
                 "timeout= needs an engine that can stop a stuck chunk: use "
                 "backend='processes' (or 'threads', which stops waiting)"
             )
+    return engine, workers, reasons, warning
 
-    if native:
+
+def _auto_engine(kind, workers, size, func_name, numba_error):
+    """``backend="auto"``: ``(engine, reasons, warning)`` (see the module docstring)."""
+    if kind == "python":
+        engine = "processes" if workers > 1 and size >= PROCESS_MIN_SIZE else "serial"
+        why = ("a function that holds the GIL gains nothing from threads: worker processes "
+               "over shared memory" if engine == "processes" else
+               f"{size} elements of a GIL-holding function: too few for worker processes")
+        warning = (
+            f"{numba_error}. It runs as plain Python in worker processes; pass "
+            "backend='processes' to silence this warning."
+        )
+        return engine, [why], warning
+    if workers == 1:
+        return "serial", ["workers=1"], None
+    return "threads", [
+        "the kernel runs without the GIL" if kind in NATIVE_KINDS
+        else "NumPy releases the GIL inside its loops",
+        "the calling thread starts alone; the other workers join once the timed "
+        "chunks show that the remaining work outweighs waking them",
+    ], None
+
+
+def _chunking(kind, schedule, chunk_size, size, workers) -> tuple[int, int]:
+    """``(chunk, max_chunk)`` for the schedule (see the constants above)."""
+    if kind in NATIVE_KINDS:
         min_chunk, max_chunk = MIN_CHUNK_NATIVE, MAX_CHUNK_NATIVE
     else:
         min_chunk, max_chunk = MIN_CHUNK_NUMPY, MAX_CHUNK_NUMPY
     if schedule == "guided":
         chunk = chunk_size or min_chunk
-        max_chunk = max(max_chunk, chunk)
-    elif schedule == "dynamic":
+        return chunk, max(max_chunk, chunk)
+    if schedule == "dynamic":
         chunk = chunk_size or max(min_chunk, -(-size // (workers * DYNAMIC_CHUNKS_PER_WORKER)))
-        max_chunk = chunk
-    else:  # static: one block per worker
-        chunk = chunk_size or max(1, -(-size // workers))
-        max_chunk = chunk
+        return chunk, chunk
+    chunk = chunk_size or max(1, -(-size // workers))  # static: one block per worker
+    return chunk, chunk
 
-    return Plan(
-        engine=engine,
-        kind=kind,
-        func_name=_func_name(func),
-        shape=shape,
-        size=size,
-        in_dtypes=tuple(i.dtype for i in inputs),
-        out_dtype=out_dtype,
-        order=memory_order(inputs, shape, out),
-        workers=workers,
-        schedule=schedule,
-        chunk=chunk,
-        max_chunk=max_chunk,
-        reasons=reasons,
+
+def plan_call(arrays, func, **options) -> Call:
+    """Validate a call and decide how it runs: the :class:`Call` that ``execute`` runs.
+
+    Raises before any work on bad input (nothing allocated, no worker started).
+    ``options`` are ``parallel_map``'s keywords except ``progress``.
+    """
+    unknown = set(options) - set(OPTION_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {sorted(unknown)[0]!r}")
+    out = options.pop("out", None)
+    options.pop("progress", None)
+    opts = _check_options(func, **{**_PLANNER_DEFAULTS, **options})
+    inputs, shape = normalize_inputs(arrays)
+    size = math.prod(shape)
+    if size > _config.MAX_ELEMENTS:
+        raise ValueError(
+            f"the inputs broadcast to shape {shape}, whose {size:,} elements overflow a "
+            f"64-bit index (at most {_config.MAX_ELEMENTS:,})")
+    requested = opts.requested
+    if out is not None:
+        out = _check_out(out, shape)
+        if requested is not None and requested != out.dtype:
+            raise TypeError(f"dtype={requested} disagrees with out.dtype={out.dtype}")
+        opts = dataclasses.replace(opts, requested=out.dtype)
+    adapter = None
+    if not isinstance(opts.backend, str):
+        from coremap.engines import _cluster  # loaded only for a cluster client
+
+        adapter = _cluster.adapter_for(opts.backend)
+    _check_arity(func, len(inputs), opts.vectorized)
+
+    kind, out_dtype, why_kind, numba_error = _choose_kernel(func, inputs, opts, out)
+    name = _func_name(func)
+    engine, workers, reasons, warning = _choose_engine(kind, opts, adapter, size, name,
+                                                       numba_error)
+    chunk, max_chunk = _chunking(kind, opts.schedule, opts.chunk_size, size, workers)
+    plan = Plan(
+        engine=engine, kind=kind, func_name=name, shape=shape, size=size,
+        in_dtypes=tuple(i.dtype for i in inputs), out_dtype=out_dtype,
+        order=memory_order(inputs, shape, out), workers=workers, schedule=opts.schedule,
+        chunk=chunk, max_chunk=max_chunk,
+        reasons=(f"{name}: {why_kind[0]}", *why_kind[1:], *reasons),
         warning=warning,
-        func=func,
-        inputs=inputs,
-        out=out,
-        timeout=timeout,
-        retries=retries,
-        adapter=adapter,
-        auto=backend == "auto",
     )
+    return Call.of(plan, func, inputs, out, opts.timeout, opts.retries, adapter)
+
+
+_PLANNER_DEFAULTS = {k: v for k, v in OPTION_DEFAULTS.items() if k not in ("out", "progress")}
+
+
+def make_plan(arrays, func, **options) -> Plan:
+    """The frozen :class:`Plan` of a call (what ``explain`` returns); see ``plan_call``."""
+    return plan_call(arrays, func, **options).plan

@@ -28,7 +28,7 @@ import warnings
 
 import numpy as np
 
-from coremap._errors import WorkerCrashedError
+from coremap._errors import CoremapWarning, WorkerCrashedError
 
 INSTALL = 'pip install "coremap[cluster]"'
 CHUNKS_PER_ENGINE = 4
@@ -200,8 +200,6 @@ def _reraise_remote(ename, evalue, tb, original):
 
 
 def _check_dask_security(client) -> None:
-    from coremap._api import CoremapWarning
-
     address = getattr(client.scheduler, "address", "") or ""
     if address.startswith("tls://") or address.startswith("inproc://"):
         return
@@ -236,7 +234,7 @@ def adapter_for(backend) -> _Adapter:
 
 def execute(plan, adapter: _Adapter, retries: int = 0) -> np.ndarray:
     """Run ``plan`` on a cluster: chunks out, results into ``out`` in order."""
-    from coremap import _execute, _layout
+    from coremap import _layout
 
     func_bytes = pickle_function(plan.func)
     key = hashlib.blake2b(func_bytes, digest_size=16).hexdigest()
@@ -279,7 +277,7 @@ def execute(plan, adapter: _Adapter, retries: int = 0) -> np.ndarray:
         dtype = first.dtype
     futures = [submit(lo, hi, dtype) for lo, hi in (chunks[1:] if first is not None else chunks)]
     plan.out_dtype = dtype
-    target, out = _execute._output(plan)
+    target, out = _layout.allocate_output(plan)
     out_grid = _layout.build_space([it(target)])
     if out_grid is None:  # an out= with no 2-D form: fill a temporary, copy at the end
         target = np.empty(plan.shape, dtype, order=plan.order)

@@ -1,0 +1,155 @@
+"""The house rules: a frozen public plan, one table of option defaults, checks that
+happen before any work, and imports that point down (front ends -> planning ->
+engines -> transport and kernels) with no circle."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import multiprocessing
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+import coremap as cm
+from coremap import _config, _plan
+
+# -- the plan that explain returns ------------------------------------------------------
+
+
+def test_explain_returns_a_frozen_public_plan():
+    x = np.arange(10.0)
+    plan = cm.explain(x, np.sqrt)
+    assert isinstance(plan, cm.Plan)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.engine = "threads"
+    # only the description: no function, inputs, out or engine adapter inside
+    names = {f.name for f in dataclasses.fields(cm.Plan)}
+    assert names.isdisjoint({"func", "inputs", "out", "adapter", "auto", "timeout"})
+    assert isinstance(plan.reasons, tuple)
+
+
+def test_running_a_call_leaves_its_plan_alone():
+    # the dtype of a vectorized function is learnt while running: on the call, not the plan
+    x = np.arange(100.0)
+    call = _plan.plan_call(x, lambda c: c * 2, vectorized=True, workers=1)
+    before = dataclasses.asdict(call.plan)
+    from coremap._execute import execute
+
+    np.testing.assert_array_equal(execute(call), x * 2)
+    assert call.out_dtype == np.float64
+    assert dataclasses.asdict(call.plan) == before and call.plan.out_dtype is None
+
+
+# -- the fast path's condition comes from one table -----------------------------------------
+
+
+def test_option_table_matches_parallel_map_signature():
+    params = inspect.signature(cm.parallel_map).parameters
+    keywords = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    assert keywords == _plan.OPTION_DEFAULTS
+
+
+@pytest.mark.parametrize("name,value", [
+    ("out", np.empty(3)), ("dtype", "f4"), ("vectorized", True), ("vectorized", 0),
+    ("backend", "serial"), ("workers", 1), ("chunk_size", 8), ("schedule", "static"),
+    ("progress", True), ("timeout", 5.0), ("retries", 1), ("retries", 0.0),
+])
+def test_any_option_off_its_default_skips_the_fast_path(name, value):
+    options = {**_plan.OPTION_DEFAULTS, name: value}
+    assert not _plan.all_default(**options)
+    assert _plan.all_default(**_plan.OPTION_DEFAULTS)
+
+
+def test_the_fast_path_check_takes_exactly_the_table():
+    with pytest.raises(TypeError):
+        _plan.all_default(**{**_plan.OPTION_DEFAULTS, "new_option": 1})
+    options = dict(_plan.OPTION_DEFAULTS)
+    options.popitem()
+    with pytest.raises(TypeError):
+        _plan.all_default(**options)
+
+
+def test_a_non_default_option_is_validated_after_a_fast_call():
+    x = np.arange(2000.0)
+    cm.parallel_map(x, np.sqrt)
+    cm.parallel_map(x, np.sqrt)  # cached: the fast path
+    with pytest.raises(TypeError, match="vectorized must be True or False"):
+        cm.parallel_map(x, np.sqrt, vectorized=0)
+
+
+# -- bad input: a clear error before any work (hardening items 12 and 20) --------------------
+
+
+def _nothing_started():
+    return threading.active_count(), len(multiprocessing.active_children())
+
+
+@pytest.mark.parametrize("workers", [10**9, 2**63, _config.max_workers() + 1])
+def test_workers_is_bounded(workers):
+    before = _nothing_started()
+    with pytest.raises(ValueError, match="per usable core"):
+        cm.parallel_map(np.arange(10.0), lambda v: v + 1, workers=workers)
+    with pytest.raises(ValueError, match="per usable core"):
+        cm.explain(np.arange(10.0), np.sqrt, workers=workers, backend="processes")
+    with pytest.raises(ValueError, match="per usable core"), cm.config(workers=workers):
+        pass
+    assert _nothing_started() == before
+
+
+def test_workers_bound_from_the_environment(monkeypatch):
+    monkeypatch.setenv("COREMAP_WORKERS", str(10**9))
+    with pytest.raises(ValueError, match="COREMAP_WORKERS"):
+        cm.parallel_map(np.arange(10.0), np.sqrt)
+
+
+def test_the_bound_allows_many_workers():
+    plan = cm.explain(np.arange(10.0), np.sqrt, workers=_config.max_workers(),
+                      backend="threads")
+    assert plan.workers == _config.max_workers()
+
+
+@pytest.mark.parametrize("chunk_size", [10**30, 2**63])
+def test_huge_chunk_size_is_a_value_error(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size must be at most"):
+        cm.parallel_map(np.arange(10.0), np.sqrt, chunk_size=chunk_size)
+
+
+def test_a_broadcast_too_large_says_its_size_overflows():
+    a = np.broadcast_to(np.zeros(1), (2**40, 1))
+    b = np.broadcast_to(np.zeros(1), (1, 2**40))
+    with pytest.raises(ValueError, match="overflow") as info:
+        cm.parallel_map((a, b), np.add)
+    assert "do not broadcast" not in str(info.value)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        cm.parallel_map((np.zeros(3), np.zeros(4)), np.add)
+
+
+def _two_args(a, b):
+    return a + b
+
+
+@pytest.mark.parametrize("vectorized", [False, True])
+@pytest.mark.parametrize("backend", [None, "processes", "threads"])
+def test_wrong_arity_is_a_type_error_before_any_worker(backend, vectorized):
+    before = _nothing_started()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Numba could not compile" warning first
+        with pytest.raises(TypeError, match="cannot be called with 1 "):
+            cm.parallel_map(np.arange(5000.0), _two_args, backend=backend,
+                            vectorized=vectorized)
+    assert _nothing_started() == before
+
+
+def test_right_arity_with_defaults_and_varargs_still_runs():
+    def f(a, b=2.0):
+        return a * b
+
+    def g(*args):
+        return sum(args)
+
+    x = np.arange(10.0)
+    np.testing.assert_array_equal(cm.parallel_map(x, f, backend="serial"), x * 2)
+    np.testing.assert_array_equal(cm.parallel_map((x, x, 1.0), g, backend="serial"),
+                                  2 * x + 1)
