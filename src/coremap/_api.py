@@ -9,9 +9,10 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from coremap import _config, _containers, _fastpath, _insights
+from coremap._errors import CoremapWarning
 from coremap._execute import execute
 from coremap._insights import Insights
-from coremap._plan import Plan, make_plan
+from coremap._plan import Plan, all_default, make_plan, plan_call
 from coremap._typing import Backend, KernelFunc, Schedule
 
 if TYPE_CHECKING:
@@ -19,11 +20,7 @@ if TYPE_CHECKING:
 
     from coremap._typing import MapOptions
 
-__all__ = ["parallel_map", "explain"]
-
-
-class CoremapWarning(UserWarning):
-    """A call ran, but not the way you probably wanted (the message says how to fix it)."""
+__all__ = ["parallel_map", "explain", "CoremapWarning"]
 
 
 _OutT = TypeVar("_OutT", bound="np.ndarray[Any, Any]")
@@ -174,9 +171,10 @@ def parallel_map(
     array([0.    , 0.0625, 0.25  , 0.5625, 1.    ])
     """
     key = items = None
-    if (out is None and dtype is None and backend is None and workers is None
-            and chunk_size is None and schedule == "guided" and vectorized is False
-            and progress is False and timeout is None and retries == 0):
+    if all_default(out=out, dtype=dtype, vectorized=vectorized, backend=backend,
+                   workers=workers, chunk_size=chunk_size, schedule=schedule,
+                   progress=progress, timeout=timeout, retries=retries):
+        # the fast path: a repeated call with every option at its default
         entry, items, key = _fastpath.lookup(arrays, func)
         if entry is not None:
             result = _fastpath.run(entry, func, items)
@@ -189,13 +187,12 @@ def parallel_map(
     container = _containers.find(arrays if isinstance(arrays, tuple) else (arrays,))
     if container is not None:  # pandas, xarray, masked or dask in: the same kind out
         return _map_container(container, arrays, func, out, progress, options)
-    plan = make_plan(
-        arrays, func, out=out, **options)
-    if plan.warning:
-        warnings.warn(plan.warning, CoremapWarning, stacklevel=2)
-    result = execute(plan, progress=progress)
+    call = plan_call(arrays, func, out=out, **options)
+    if call.warning:
+        warnings.warn(call.warning, CoremapWarning, stacklevel=2)
+    result = execute(call, progress=progress)
     if key is not None:
-        _fastpath.remember(key, plan, items)
+        _fastpath.remember(key, call, items)
     return result
 
 
@@ -288,12 +285,12 @@ def _explain_run(arrays, func, kwargs) -> Insights:
     if kwargs.get("workers") is None:  # explicit workers: the full path, where the hook is
         kwargs["workers"] = _config.default_workers()
     if _containers.find(arrays if isinstance(arrays, tuple) else (arrays,)) is None:
-        def run_call(plan):
-            if plan.warning:
-                warnings.warn(plan.warning, CoremapWarning, stacklevel=4)
-            return execute(plan, progress=progress)
+        def run_call(call):
+            if call.warning:
+                warnings.warn(call.warning, CoremapWarning, stacklevel=4)
+            return execute(call, progress=progress)
 
-        return _insights.run(lambda: make_plan(arrays, func, **kwargs), run_call)
+        return _insights.run(lambda: plan_call(arrays, func, **kwargs), run_call)
 
     def run_container(plan):
         result = parallel_map(arrays, func, progress=progress, **kwargs)

@@ -305,7 +305,8 @@ def run(plan_call, run_call) -> Insights:
         out = getattr(plan, "out", None)
         copied_back = 0 if isinstance(out, SharedArray) else _nbytes(result)
     return Insights(
-        plan=plan, result=result, wall_s=t2 - t0, plan_s=t1 - t0,
+        plan=getattr(plan, "plan", plan),  # a _plan.Call carries the frozen plan
+        result=result, wall_s=t2 - t0, plan_s=t1 - t0,
         compile_s=_compile_seconds(numba_events.buffer), run_s=t2 - t1,
         elements=_size(result, plan), workers=workers,
         bytes_shared=rec.bytes_shared if undo is not None else None,

@@ -344,8 +344,8 @@ def _check_options(func, *, dtype, vectorized, backend, workers, chunk_size, sch
 
 def _check_arity(func, nin: int, vectorized: bool) -> None:
     """A Python function that cannot take ``nin`` arguments: TypeError now, not in a worker."""
-    if isinstance(func, (np.ufunc, Affine)):
-        return  # checked with their kind
+    if isinstance(func, (np.ufunc, Affine)) or hasattr(func, "nin"):
+        return  # ufuncs (NumPy's and Numba's) and built-ins: checked with their kind
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):  # builtins and extension callables: no signature
