@@ -56,6 +56,11 @@ def main() -> None:
     insights: cm.Insights = cm.explain(x, square, run=True)
     print(plan, insights, same.name, z.shape)
 
+    total = cm.parallel_reduce(x, square, "sum", backend="threads", schedule="static")
+    rows: np.ndarray = cm.parallel_reduce(x.reshape(10, 100), op=np.maximum, axis=1,
+                                          out=np.empty(10))
+    print(float(total), rows.shape)
+
     with cm.config(workers=2, backend="auto"):
         cm.parallel_map(x, square)
 
@@ -119,6 +124,7 @@ cm.parallel_map(x, np.sqrt, schedule="guidedd")
 cm.parallel_map(x, np.sqrt, backend="thread")
 cm.explain(x, np.sqrt, workers="2")
 y: int = cm.parallel_map(x, np.sqrt)
+cm.parallel_reduce(x, op="average")
 '''
 
 
@@ -153,5 +159,5 @@ def test_mypy_strict_rejects_misspelt_options(tmp_path):
     res = _mypy(tmp_path, MISTAKES)
     lines = [line for line in res.stdout.splitlines() if ": error:" in line]
     assert res.returncode == 1, res.stdout + res.stderr
-    # one error on each of the four wrong lines (6..9), none elsewhere
-    assert sorted({int(line.split(":")[1]) for line in lines}) == [6, 7, 8, 9], res.stdout
+    # one error on each of the five wrong lines (6..10), none elsewhere
+    assert sorted({int(line.split(":")[1]) for line in lines}) == [6, 7, 8, 9, 10], res.stdout

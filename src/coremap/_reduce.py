@@ -34,11 +34,19 @@ import math
 import threading
 import time
 import warnings
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 
 from coremap import _config, _layout
 from coremap._kernels import _runner
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, DTypeLike
+
+    from coremap._typing import Backend, KernelFunc, ReduceOp, Schedule
+
+_OutT = TypeVar("_OutT", bound="np.ndarray[Any, Any]")
 
 __all__ = ["parallel_reduce"]
 
@@ -536,25 +544,69 @@ def _engines(kind: str, size: int, backend, workers: int):
     return None, threads
 
 
+@overload
 def parallel_reduce(
-    arrays,
-    func=None,
-    op="sum",
+    arrays: ArrayLike | tuple[ArrayLike, ...],
+    func: KernelFunc | None = None,
+    op: ReduceOp = "sum",
     *,
-    axis=None,
-    dtype=None,
-    out: np.ndarray | None = None,
+    axis: int | tuple[int, ...] | None = None,
+    dtype: DTypeLike | None = None,
+    out: None = None,
     keepdims: bool = False,
-    initial=None,
+    initial: Any = None,
     vectorized: bool = False,
-    backend=None,
+    backend: Backend | None = None,
     workers: int | None = None,
     chunk_size: int | None = None,
-    schedule: str = "guided",
+    schedule: Schedule = "guided",
     progress: bool = False,
     timeout: float | None = None,
     retries: int = 0,
-):
+) -> Any: ...
+
+
+@overload
+def parallel_reduce(
+    arrays: ArrayLike | tuple[ArrayLike, ...],
+    func: KernelFunc | None = None,
+    op: ReduceOp = "sum",
+    *,
+    axis: int | tuple[int, ...] | None = None,
+    dtype: DTypeLike | None = None,
+    out: _OutT,
+    keepdims: bool = False,
+    initial: Any = None,
+    vectorized: bool = False,
+    backend: Backend | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    schedule: Schedule = "guided",
+    progress: bool = False,
+    timeout: float | None = None,
+    retries: int = 0,
+) -> _OutT: ...
+
+
+def parallel_reduce(
+    arrays: ArrayLike | tuple[ArrayLike, ...],
+    func: KernelFunc | None = None,
+    op: ReduceOp = "sum",
+    *,
+    axis: int | tuple[int, ...] | None = None,
+    dtype: DTypeLike | None = None,
+    out: np.ndarray[Any, Any] | None = None,
+    keepdims: bool = False,
+    initial: Any = None,
+    vectorized: bool = False,
+    backend: Backend | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    schedule: Schedule = "guided",
+    progress: bool = False,
+    timeout: float | None = None,
+    retries: int = 0,
+) -> Any:
     """Reduce ``func(arrays)`` with ``op`` on every core, without storing ``func(arrays)``.
 
     The result depends only on the inputs: it is bit for bit the same for any

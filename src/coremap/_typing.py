@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal, Protocol, TypedDict
 
+import numpy as np
 from numpy.typing import DTypeLike
 
-__all__ = ["BackendName", "Backend", "ClusterClient", "Schedule", "MapOptions"]
+__all__ = ["BackendName", "Backend", "ClusterClient", "Schedule", "MapOptions", "ReduceOp"]
 
 BackendName = Literal["auto", "threads", "processes", "serial"]
 Schedule = Literal["guided", "dynamic", "static"]
+ReduceOpName = Literal["sum", "prod", "min", "max", "any", "all", "mean", "argmin", "argmax"]
 
 
 class _IPyParallelClient(Protocol):
@@ -41,6 +43,7 @@ class _DaskClient(Protocol):
 ClusterClient = _IPyParallelClient | _IPyParallelView | _DaskClient
 Backend = BackendName | ClusterClient
 KernelFunc = Callable[..., Any]
+ReduceOp = ReduceOpName | np.ufunc
 
 
 class MapOptions(TypedDict, total=False):
