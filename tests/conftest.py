@@ -36,6 +36,18 @@ def _threads() -> set[str]:
     }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache_in_tmp(tmp_path_factory):
+    """Compiled kernels are cached in a temporary directory, never in the user's."""
+    before = os.environ.get("COREMAP_CACHE_DIR")
+    os.environ["COREMAP_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel-cache"))
+    yield
+    if before is None:
+        del os.environ["COREMAP_CACHE_DIR"]
+    else:
+        os.environ["COREMAP_CACHE_DIR"] = before
+
+
 @pytest.fixture(autouse=True)
 def _no_leaks():
     env_before = {k: v for k, v in os.environ.items() if k.startswith("COREMAP_")}

@@ -22,6 +22,7 @@ from coremap._api import CoremapWarning, explain, parallel_map
 from coremap._config import config
 from coremap._errors import RemoteError, WorkerCrashedError
 from coremap._insights import Insights
+from coremap._kernels._diskcache import clear_cache
 from coremap._plan import Plan
 from coremap._reduce import parallel_reduce
 from coremap.pool import Pool
@@ -52,5 +53,6 @@ __all__ = [
     "SharedArray",
     "SharedLock",
     "cleanup_stale",
+    "clear_cache",
     "__version__",
 ]

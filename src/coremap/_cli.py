@@ -1,4 +1,4 @@
-"""The ``coremap`` command: ``demo``, ``info`` (and ``bench`` when installed)."""
+"""The ``coremap`` command: ``demo``, ``info``, ``cache`` (and ``bench`` when installed)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,17 @@ def _info(args) -> int:
     from coremap import _info
 
     _info.show()
+    return 0
+
+
+def _cache(args) -> int:
+    from coremap._kernels import _diskcache
+
+    if args.action == "clear":
+        print(f"clearing {_diskcache.describe()}")
+        _diskcache.clear_cache()
+    else:
+        print(_diskcache.describe())
     return 0
 
 
@@ -59,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_bench)
     p = sub.add_parser("info", help="cores, engines, Numba, shared memory, optional backends")
     p.set_defaults(run=_info)
+    p = sub.add_parser("cache", help="where compiled kernels are cached, and how big; 'clear'")
+    p.add_argument("action", nargs="?", choices=["show", "clear"], default="show")
+    p.set_defaults(run=_cache)
     args = parser.parse_args(argv)
     return args.run(args)
 

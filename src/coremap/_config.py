@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -136,6 +137,29 @@ def defaults_key() -> tuple:
 def in_worker() -> bool:
     """True inside a process-engine worker (set by the worker at start)."""
     return bool(os.environ.get("COREMAP_IN_WORKER"))
+
+
+def cache_dir() -> str | None:
+    """Where compiled kernels are cached on disk; None when ``COREMAP_CACHE_DIR=off``.
+
+    ``COREMAP_CACHE_DIR`` moves it; otherwise the platform's user cache directory
+    (as platformdirs chooses it, written out here rather than taken as a
+    dependency for three lines): ``$XDG_CACHE_HOME/coremap`` or
+    ``~/.cache/coremap`` on Linux and other POSIX systems,
+    ``~/Library/Caches/coremap`` on macOS, ``%LOCALAPPDATA%\\coremap\\Cache`` on Windows.
+    """
+    raw = os.environ.get("COREMAP_CACHE_DIR")
+    if raw:
+        return None if raw.strip().lower() == "off" else os.path.abspath(os.path.expanduser(raw))
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser(r"~\AppData\Local")
+        return os.path.join(base, "coremap", "Cache")
+    if sys.platform == "darwin":
+        return os.path.expanduser("~/Library/Caches/coremap")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base or not os.path.isabs(base):
+        base = os.path.expanduser("~/.cache")
+    return os.path.join(base, "coremap")
 
 
 def default_workers() -> int:

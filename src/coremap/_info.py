@@ -71,6 +71,9 @@ def collect() -> dict:
         facts["/dev/shm"] = f"{usage.total / 2**30:.1f} GiB, {usage.free / 2**30:.1f} GiB free"
     else:
         facts["/dev/shm"] = "absent"
+    from coremap._kernels import _diskcache
+
+    facts["kernel cache"] = _diskcache.describe()
     for name in ("ipyparallel", "dask", "distributed"):
         facts[name] = _version(name) or "not installed"
     for name in ("numexpr", "joblib", "threadpoolctl", "tqdm", "cloudpickle"):

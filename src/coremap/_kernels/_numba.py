@@ -51,7 +51,7 @@ import weakref
 
 import numpy as np
 
-from coremap._kernels import _diagnose, _guard, _rebuild
+from coremap._kernels import _diagnose, _diskcache, _guard, _rebuild
 
 _lock = threading.RLock()
 _F16 = np.dtype(np.float16)
@@ -195,6 +195,7 @@ class _Compiled:
         if self.own:
             self.dispatcher, self.watch = _rebuild.rebuild(
                 func, numba.njit(**_rebuild.JIT_OPTIONS))
+            _diskcache.attach(self.dispatcher, func)  # on disk too, when it can be keyed
         else:  # the user's own @njit: compiled as they asked, globals as Numba reads them
             self.dispatcher, self.watch = func, _rebuild.Watch()
         self.signatures: dict = {}  # in dtypes -> (jitted, result dtype) or a failure text
@@ -396,10 +397,12 @@ def _build(func, in_dtypes, out_dtype, classes):
         ns[f"dt{k}"] = np.dtype(np.uint16) if half else dt
     if "h" in halves:
         ns["h2f"], ns["f2h"] = _half.h2f(), _half.f2h()
-    exec(_source(len(in_dtypes), classes, halves), ns)  # generated source: see _source
+    source = _source(len(in_dtypes), classes, halves)
+    exec(source, ns)  # generated source: see _source
     sig = nt.int64(nt.CPointer(nt.voidptr), nt.CPointer(nt.int64), nt.int64, nt.int64)
     try:
-        return numba.cfunc(sig, nopython=True, nogil=True, error_model="numpy")(ns["kernel"])
+        return _diskcache.cfunc(sig, ns["kernel"], jitted, (source, in_dtypes, out_dtype),
+                                nopython=True, nogil=True, error_model="numpy")
     except Exception as exc:  # e.g. a result that cannot be stored into out's dtype
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TypeError(
