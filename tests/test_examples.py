@@ -19,6 +19,9 @@ EXPECTED = {
     "ipyparallel_cluster.py": ["engines: [0, 1]", "pull a: [1, 1]", "after push, pull a: [2, 2]",
                                "map: [0, 1, 4, 9, 16]", "apply: 1024",
                                "parallel_map on the cluster: [1.0, 2.0, 2.414"],
+    "monte_carlo_pi.py": ["points inside: 3142616 of 4000000", "pi is about 3.143",
+                          "same count on 1, 2 and 3 workers: True"],
+    "black_scholes.py": ["put-call parity holds: True", "matches the sum of the prices: True"],
     "dask_cluster.py": ["parallel_map on dask: [1.0, 2.0, 2.414", "engine   : dask.distributed"],
 }
 CLUSTER = {"ipyparallel_cluster.py": "ipyparallel", "dask_cluster.py": "distributed"}
