@@ -59,9 +59,12 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import TimeoutError as _MPTimeoutError
-from multiprocessing.connection import wait
-from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
-from typing import Any, Generic, NamedTuple, TypeVar
+from multiprocessing.connection import Connection, wait
+from multiprocessing.pool import (  # type: ignore[attr-defined] # not in typeshed
+    MaybeEncodingError,
+    RemoteTraceback,
+)
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, TypeVar
 
 from coremap import _config, _shm
 from coremap._errors import WorkerCrashedError
@@ -75,6 +78,9 @@ from coremap.engines._messages import (
     TaskSpec,
     check_reply,
 )
+
+if TYPE_CHECKING:
+    from coremap.engines._processes import _Worker
 
 __all__ = ["Pool", "AsyncResult", "MapResult", "IMapIterator", "SHARE_BYTES"]
 
@@ -168,7 +174,8 @@ def _warn_short(exc: OSError) -> None:
         pass
 
 
-def _stage(payload: _Payload, warn: bool = True):
+def _stage(payload: _Payload, warn: bool = True,
+           ) -> tuple[Any, _shm.Segment | None, list | None]:
     """``(shared info, segment, in-band buffers)``: the large buffers copied into one
     segment, or handed back for the pipe when no segment can be made."""
     if not payload.buffers:
@@ -190,7 +197,8 @@ def _stage(payload: _Payload, warn: bool = True):
     return (seg.name, offsets), seg, None
 
 
-def loads_shared(data: bytes, info, unlink: bool = False, buffers=None) -> Any:
+def loads_shared(data: bytes, info: Any, unlink: bool = False,
+                 buffers: list | None = None) -> Any:
     """Unpickle what was staged: ``info`` names the segment holding the large buffers
     (``unlink`` removes its name once mapped); ``buffers`` came through the pipe."""
     if buffers is not None:
@@ -209,7 +217,8 @@ def loads_shared(data: bytes, info, unlink: bool = False, buffers=None) -> Any:
     return pickle.loads(data, buffers=bufs)
 
 
-def export_results(results: Any, threshold: int | None = None, warn: bool = True):
+def export_results(results: Any, threshold: int | None = None, warn: bool = True,
+                   ) -> tuple[bytes, Any]:
     """A worker's reply payload ``(data, info)``: results pickled, large arrays left in
     a segment that the parent adopts (maps, then unlinks); in-band when no segment
     can be made."""
@@ -217,7 +226,7 @@ def export_results(results: Any, threshold: int | None = None, warn: bool = True
     info, seg, inband = _stage(payload, warn=warn)
     if inband is not None:
         return pickle.dumps(results, protocol=5), None
-    if seg is not None:
+    if seg is not None and seg._finalizer is not None:
         seg._finalizer.detach()  # the parent unlinks it once mapped
     return payload.data, info
 
@@ -233,7 +242,8 @@ def _rebuild_error(reply: Reply) -> BaseException:
     from coremap.engines._processes import rebuild_error
 
     exc = rebuild_error(reply)
-    exc.__cause__ = RemoteTraceback(f'\n"""\n{reply.error.traceback}"""')
+    tb = reply.error.traceback if reply.error is not None else ""
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     return exc
 
 
@@ -497,8 +507,12 @@ class _Task:
     __slots__ = ("job", "index", "batch", "payload", "segment", "shared", "inband")
 
     def __init__(self, job: _Job, index: int, batch: list, payload: _Payload) -> None:
-        self.job, self.index, self.batch, self.payload = job, index, batch, payload
-        self.segment = self.shared = self.inband = None
+        self.job, self.index = job, index
+        self.batch: list | None = batch
+        self.payload: Any = payload  # _Payload until released
+        self.segment: _shm.Segment | None = None
+        self.shared: Any = None
+        self.inband: list | None = None
 
     @property
     def id(self) -> tuple[int, int]:
@@ -630,9 +644,9 @@ class Pool:
         self._tasks: collections.deque[_Job] = collections.deque()
         self._retry: collections.deque[_Task] = collections.deque()
         self._jobs: dict[int, Any] = {}
-        self._busy: dict[Any, _Task] = {}
-        self._counts: dict[Any, int] = {}
-        self._workers: list = []
+        self._busy: dict[_Worker, _Task] = {}
+        self._counts: dict[_Worker, int] = {}
+        self._workers: list[_Worker] = []
         self._wakeup_r, self._wakeup_w = _pipe()
         try:
             for _ in range(processes):
@@ -648,7 +662,7 @@ class Pool:
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._wakeup_w)
 
     # -- workers ----------------------------------------------------------------------
-    def _start_worker(self):
+    def _start_worker(self) -> _Worker:
         from coremap.engines._processes import _Worker
 
         w = _Worker(len(self._workers))
@@ -830,7 +844,10 @@ class Pool:
         """
         return self._map_async(func, iterable, chunksize, callback, error_callback, "star")
 
-    def _map_async(self, func, iterable, chunksize, callback, error_callback, mode):
+    def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
+                   chunksize: int | None, callback: Callable[[list[Any]], object] | None,
+                   error_callback: Callable[[BaseException], object] | None,
+                   mode: str) -> MapResult[Any]:
         self._check_running()
         batches = self._batches(iterable, chunksize)
         result: MapResult = MapResult(self, len(batches), callback, error_callback)
@@ -937,7 +954,8 @@ class Pool:
         """
         return self._imap(func, iterable, chunksize, ordered=False)
 
-    def _imap(self, func, iterable, chunksize, ordered):
+    def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int,
+              ordered: bool) -> IMapIterator[Any]:
         self._check_running()
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
@@ -990,10 +1008,10 @@ class Pool:
     def __repr__(self) -> str:
         return f"<coremap.Pool state={self._state} pool_size={len(self._workers)}>"
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
-    def __del__(self, _warn=warnings.warn) -> None:
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         # as multiprocessing.Pool: a pool collected while running was never closed
         if getattr(self, "_state", None) == RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
@@ -1030,6 +1048,10 @@ class Pool:
         except OSError:
             pass
 
+    def _drain_wakeups(self) -> None:
+        while self._wakeup_r.poll():
+            self._wakeup_r.recv_bytes()
+
     def _handle(self) -> None:
         try:
             self._loop()
@@ -1065,8 +1087,7 @@ class Pool:
             ready = wait([self._wakeup_r, *conns, *sentinels], timeout=0.5)
             for r in ready:
                 if r is self._wakeup_r:
-                    while self._wakeup_r.poll():
-                        self._wakeup_r.recv_bytes()
+                    self._drain_wakeups()
                 elif r in conns:
                     self._receive(conns[r])
             for r in ready:
@@ -1080,13 +1101,13 @@ class Pool:
                 return task
             task.release()
         while self._tasks:
-            task = self._tasks[0].take()
-            if task is not None:
-                return task
+            new = self._tasks[0].take()
+            if new is not None:
+                return new
             self._tasks.popleft()
         return None
 
-    def _message(self, task: _Task, w) -> TaskSpec:
+    def _message(self, task: _Task, w: _Worker) -> TaskSpec:
         """The message that sends ``task`` (staged) to worker ``w``."""
         return TaskSpec(task.id, task.job.func, task.job.key, task.payload.data, task.shared,
                         task.job.mode, SHARE_BYTES, task.inband)
@@ -1112,7 +1133,7 @@ class Pool:
                 continue
             self._busy[w] = task
 
-    def _receive(self, w) -> None:
+    def _receive(self, w: _Worker) -> None:
         try:
             raw = w.conn.recv_bytes()
         except (EOFError, OSError):
@@ -1144,7 +1165,8 @@ class Pool:
         task.release()  # argument segments: the worker is done with them
         if reply.kind == RESULT:
             try:
-                values = loads_shared(*reply.value, unlink=True)
+                data, info = reply.value
+                values = loads_shared(data, info, unlink=True)
             except Exception as exc:  # noqa: BLE001 - a result that cannot be unpickled here
                 result._set(index, False, MaybeEncodingError(exc, "<result>"))
             else:
@@ -1154,7 +1176,7 @@ class Pool:
         if retire:
             self._replace(w, graceful=True)
 
-    def _protocol_error(self, w, task: _Task | None, exc: ProtocolError) -> None:
+    def _protocol_error(self, w: _Worker, task: _Task | None, exc: ProtocolError) -> None:
         """A worker said something other than the answer to the task it holds: fail
         that task (never take the message for its result) and replace the worker."""
         if task is not None:
@@ -1164,7 +1186,7 @@ class Pool:
             task.release()
         self._replace(w, graceful=False)
 
-    def _reap(self, w) -> None:
+    def _reap(self, w: _Worker) -> None:
         """A worker died: fail its task, start another (unless the pool is ending)."""
         if w not in self._workers or w.process.is_alive():
             return
@@ -1184,7 +1206,7 @@ class Pool:
         _shm.cleanup_stale()  # result segments it may have left behind
         self._replace(w, graceful=False)
 
-    def _replace(self, w, graceful: bool) -> None:
+    def _replace(self, w: _Worker, graceful: bool) -> None:
         with self._lock:
             if w not in self._workers:
                 return
@@ -1205,7 +1227,7 @@ class Pool:
                     self._break("starting a pool worker", exc)
 
 
-def _send_quietly(w, msg) -> bool:
+def _send_quietly(w: _Worker, msg: Any) -> bool:
     try:
         w.conn.send_bytes(pickle.dumps(msg))
     except OSError:
@@ -1224,13 +1246,13 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _pipe():
+def _pipe() -> tuple[Connection, Connection]:
     from multiprocessing import Pipe
 
     return Pipe(duplex=False)
 
 
-def _shutdown(workers: list, wakeup_w) -> None:
+def _shutdown(workers: list[_Worker], wakeup_w: Connection) -> None:
     """Stop the workers (terminate, join, garbage collection and exit all end here)."""
     for w in list(workers):
         _send_quietly(w, STOP)
