@@ -23,6 +23,7 @@ wrap-around and ``int(nan)`` on unsampled elements stay Numba's.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 
 import numpy as np
@@ -31,6 +32,10 @@ import numpy as np
 # Python call and one compiled call (about 2 us for W2's function), once per
 # (function, dtypes).
 GUARD_SAMPLES = 8
+# A function slow in Python (a long loop per element, fast once compiled) must not
+# make the first call slow: after the first and the last element, sampling stops
+# once it has taken this long (a tenth of the 0.5 s first-call budget).
+GUARD_BUDGET_S = 0.05
 # Tolerance, in units in the last place of the narrowest float of the call:
 # float64 only (same arithmetic, libm against NumPy's SIMD math: measured <= 1 ulp);
 # float32/float16 (Python computes in float64: rounding differs, cancellation grows it).
@@ -39,10 +44,12 @@ ULPS_MIXED_PRECISION = 16
 
 
 def sample_indices(size: int, count: int = GUARD_SAMPLES) -> list[int]:
-    """Flat indices to compare: the first, the last and evenly spaced ones."""
+    """Flat indices to compare: the first, the last, then evenly spaced ones."""
     if size <= count:
-        return list(range(size))
-    return sorted({round(k * (size - 1) / (count - 1)) for k in range(count)})
+        picked = list(range(size))
+    else:
+        picked = sorted({round(k * (size - 1) / (count - 1)) for k in range(count)})
+    return picked[:1] + picked[-1:] + picked[1:-1] if len(picked) > 1 else picked
 
 
 def _run(fn, args):
@@ -117,7 +124,10 @@ def check(func, jitted, name: str, in_dtypes, out_dtype, inputs, shape,
     size = math.prod(shape)
     tol = _tolerance(in_dtypes, out_dtype)
     arrays = [None if inp.is_scalar else np.broadcast_to(inp.array, shape) for inp in inputs]
-    for i in sample_indices(size):
+    start = time.perf_counter()
+    for n, i in enumerate(sample_indices(size)):
+        if n >= 2 and time.perf_counter() - start > GUARD_BUDGET_S:
+            break
         idx = np.unravel_index(i, shape) if shape else ()
         elems = [inp.value if a is None else a[idx] for inp, a in zip(inputs, arrays)]
         py_args = [e.item() if isinstance(e, np.generic) else e for e in elems]
