@@ -21,7 +21,6 @@ the compiled code) is not seen; integer arithmetic wraps at 64 bits (the guard,
 """
 from __future__ import annotations
 
-import dis
 import numbers
 import types
 
@@ -85,6 +84,8 @@ def _equal(a, b) -> bool:
 
 def global_names(code: types.CodeType) -> set[str]:
     """Names ``code`` (and the code nested in it) loads as globals."""
+    import dis  # at the first compile, not at ``import coremap``
+
     names = set()
     for ins in dis.get_instructions(code):
         if ins.opname in _LOADS:
