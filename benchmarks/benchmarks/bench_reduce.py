@@ -88,7 +88,8 @@ class RowSum:
 class BlackScholes:
     """Call and put of 10^6 options: 5 inputs, 2 outputs."""
 
-    params = (["numpy", "numba vectorize parallel, 2 calls", "coremap, 2 calls"],)
+    params = (["numpy", "numba vectorize parallel, 2 calls", "coremap, 2 calls",
+               "coremap, 1 call"],)
     param_names = ["engine"]
     timeout = 180
 
@@ -103,6 +104,8 @@ class BlackScholes:
             vc, vp = (numba.vectorize(sig, target="parallel")(_with_jitted_cnd(f))
                       for f in (_workloads.bs_call, _workloads.bs_put))
             self.fn = lambda: (vc(*args), vp(*args))
+        elif engine == "coremap, 1 call":  # one pass, two outputs
+            self.fn = lambda: cm.parallel_map(args, _workloads.bs_both)
         else:
             self.fn = lambda: (cm.parallel_map(args, _workloads.bs_call),
                                cm.parallel_map(args, _workloads.bs_put))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, overload
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from coremap import _config, _containers, _fastpath, _insights
+from coremap import _config, _containers, _fastpath, _insights, _multi
 from coremap._errors import CoremapWarning
 from coremap._execute import execute
 from coremap._insights import Insights
@@ -187,7 +187,14 @@ def parallel_map(
     container = _containers.find(arrays if isinstance(arrays, tuple) else (arrays,))
     if container is not None:  # pandas, xarray, masked or dask in: the same kind out
         return _map_container(container, arrays, func, out, progress, options)
-    call = plan_call(arrays, func, out=out, **options)
+    if _multi.wants_several(func, out, dtype):  # tuple out=/dtype=, a ufunc with nout > 1
+        return _multi.parallel_map_several(arrays, func, out=out, progress=progress, **options)
+    try:
+        call = plan_call(arrays, func, out=out, **options)
+    except TypeError:
+        if not _multi.returns_tuple(arrays, func, vectorized):
+            raise
+        return _multi.parallel_map_several(arrays, func, out=out, progress=progress, **options)
     if call.warning:
         warnings.warn(call.warning, CoremapWarning, stacklevel=2)
     result = execute(call, progress=progress)
