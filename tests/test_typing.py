@@ -14,8 +14,6 @@ import textwrap
 
 import pytest
 
-import coremap as cm
-
 pytest.importorskip("mypy")
 
 USER_SCRIPT = '''
@@ -147,8 +145,6 @@ def test_mypy_strict_accepts_a_user_script(tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(not getattr(cm.Pool.map, "__annotations__", None),
-                    reason="Pool's methods are not annotated yet")
 def test_mypy_strict_accepts_pool_usage(tmp_path):
     res = _mypy(tmp_path, POOL_SCRIPT)
     assert res.returncode == 0, res.stdout + res.stderr
