@@ -263,3 +263,76 @@ def test_import_coremap_imports_no_container_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.strip() == "[]"
+
+
+# -- parallel_reduce ---------------------------------------------------------------------
+
+@pytest.fixture(params=["threads", "processes"])
+def reduce_run(request):
+    """``parallel_reduce`` on one engine."""
+
+    def call(arrays, func, op="sum", **kwargs):
+        return cm.parallel_reduce(arrays, func, op, backend=request.param, workers=2,
+                                  **kwargs)
+
+    return call
+
+
+def test_reduce_series_and_aligned_series(reduce_run):
+    s = pd.Series(np.linspace(0, 1, 9), index=list("abcdefghi"))
+    assert reduce_run(s, plus_one) == pytest.approx(ref_plus_one(s).sum(), rel=1e-15)
+    a = pd.Series([1.0, 2.0, 3.0], index=list("abc"))
+    b = pd.Series([10.0, 20.0, 30.0], index=list("cab"))
+    assert reduce_run((a, b), twice_plus, "max") == ref_twice_plus(a, b).max()
+    # NumPy's semantics for what alignment leaves missing: NaN propagates
+    assert np.isnan(reduce_run((a, b.rename(index={"c": "z"})), twice_plus))
+
+
+def test_reduce_dataframe_along_an_axis_gives_a_labelled_series(reduce_run):
+    df = pd.DataFrame({"i": np.arange(5.0), "j": np.arange(5.0) * 3},
+                      index=pd.Index(list("vwxyz"), name="row"))
+    pd.testing.assert_series_equal(reduce_run(df, plus_one, axis=0),
+                                   ref_plus_one(df).sum(axis=0))
+    pd.testing.assert_series_equal(reduce_run(df, plus_one, "max", axis=1),
+                                   ref_plus_one(df).max(axis=1), check_names=False)
+    assert reduce_run(df, plus_one) == ref_plus_one(df).to_numpy().sum()
+
+
+def test_reduce_dataarray_drops_reduced_dims(reduce_run):
+    d, e = _grid()
+    got = reduce_run(d, plus_one, axis=1)
+    want = ref_plus_one(d).sum("y")
+    xr.testing.assert_allclose(got, want)
+    assert got.attrs == want.attrs and got.name == want.name
+    got = reduce_run((d, e), twice_plus, "argmax", axis=0)
+    xr.testing.assert_equal(got, ref_twice_plus(d, e).argmax("x"))
+    assert float(reduce_run(d, plus_one)) == float(ref_plus_one(d).sum())
+
+
+def test_reduce_masked_skips_masked_elements(reduce_run):
+    m = np.ma.array([[4.0, -1.0, 9.0], [-4.0, -9.0, -1.0]], mask=[[0, 1, 0], [1, 1, 1]])
+    got = reduce_run(m, checked_sqrt, axis=1)
+    want = np.ma.sum(np.ma.sqrt(m), axis=1)
+    np.testing.assert_array_equal(np.ma.getmaskarray(got), [False, True])
+    assert got[0] == want[0] == 5.0
+    assert reduce_run(m, checked_sqrt, np.maximum) == 3.0  # a ufunc op, by its np.ma name
+    assert reduce_run(m, checked_sqrt, "mean") == 2.5
+
+
+def test_reduce_dask_is_lazy(reduce_run):
+    x = da.from_array(np.linspace(0, 1, 60).reshape(6, 10), chunks=(2, 5))
+    got = reduce_run(x, plus_one, axis=0)
+    assert kind(got) == "dask"
+    want = (x.compute(scheduler="synchronous") + 1).sum(axis=0)
+    np.testing.assert_allclose(got.compute(scheduler="synchronous"), want)
+    got = reduce_run(x, plus_one, "argmax")
+    assert int(got.compute(scheduler="synchronous")) == 59
+
+
+def test_reduce_refusals_before_work():
+    with pytest.raises(TypeError, match="out= is not supported"):
+        cm.parallel_reduce(pd.Series([1.0]), plus_one, out=np.empty(()))
+    with pytest.raises(TypeError, match="keepdims"):
+        cm.parallel_reduce(pd.Series([1.0]), plus_one, keepdims=True)
+    with pytest.raises(TypeError, match="not supported with masked"):
+        cm.parallel_reduce(np.ma.array([1.0]), plus_one, np.fmax)

@@ -337,3 +337,113 @@ def stand_ins(items: tuple) -> tuple:
             x = np.ma.getdata(x)
         plain.append(x)
     return tuple(plain)
+
+
+# -- parallel_reduce ---------------------------------------------------------------------
+
+# ufunc ops under the names np.ma and dask.array give their reductions
+_UFUNC_NAMES = {np.add: "sum", np.multiply: "prod", np.minimum: "min", np.maximum: "max",
+                np.logical_or: "any", np.logical_and: "all"}
+_TAKES_DTYPE = ("sum", "prod", "mean")
+
+
+def reduce_containers(kind: str, items: tuple, op, axis, keepdims: bool, options: dict,
+                      reduce: Callable, map_: Callable):
+    """``parallel_reduce`` over containers (see the module docstring).
+
+    ``reduce(plain, axis, keepdims)`` is ``parallel_reduce`` on plain data;
+    ``map_(items)`` is ``parallel_map`` of the function on the containers (the
+    first item itself when there is no function); ``options`` holds the
+    call's ``dtype`` and ``initial``.
+
+    pandas and xarray inputs are reduced by coremap's own deterministic
+    reduction and rebuilt (a DataFrame reduced along one axis gives a Series
+    labelled by the other; xarray drops the reduced dimensions). Masked and dask
+    inputs are mapped by coremap and folded by ``numpy.ma`` and ``dask.array``'s
+    own reductions, which know masks and chunks (so their bits are those
+    libraries', not coremap's fixed tree).
+    """
+    if kind == "pandas":
+        return _reduce_pandas(items, axis, keepdims, reduce)
+    if kind == "xarray":
+        return _reduce_xarray(items, op, axis, keepdims, reduce)
+    name = op if isinstance(op, str) else _UFUNC_NAMES.get(op)
+    if name is None:
+        raise TypeError(f"op={getattr(op, '__name__', op)!r} is not supported with {kind} "
+                        f"inputs; use one of 'sum', 'prod', 'min', 'max', 'any', 'all', "
+                        "'mean', 'argmin', 'argmax'")
+    if options.get("initial") is not None:
+        raise TypeError(f"initial= is not supported with {kind} inputs")
+    kwargs = {"axis": axis}
+    if keepdims:
+        kwargs["keepdims"] = True
+    if options.get("dtype") is not None and name in _TAKES_DTYPE:
+        kwargs["dtype"] = options["dtype"]
+    mapped = map_(items)
+    if kind == "masked":
+        return getattr(np.ma, name)(np.ma.asarray(mapped), **kwargs)
+    import dask.array as da
+
+    return getattr(da, name)(mapped, **kwargs)
+
+
+def _one_axis(axis, ndim: int) -> int | None:
+    """The single reduced axis of a 2-D reduction, or None when all axes are."""
+    if axis is None:
+        return None
+    axes = tuple(sorted({a % ndim for a in (axis if isinstance(axis, tuple) else (axis,))}))
+    return None if len(axes) == ndim else axes[0]
+
+
+def _reduce_pandas(items, axis, keepdims, reduce):
+    import pandas as pd
+
+    if keepdims:
+        raise TypeError("keepdims=True is not supported with pandas inputs (pandas "
+                        "reductions have none); pass x.to_numpy()")
+    aligned, axes, _, framed = align_pandas(items)
+    plain = tuple(x.to_numpy() if k in framed else x for k, x in enumerate(aligned))
+    result = reduce(plain, axis, False)
+    first = aligned[framed[0]]
+    if first.ndim == 1:
+        return result
+    along = _one_axis(axis, 2)
+    if along is None:
+        return result
+    # reduced along the rows: one value per column, and the other way round
+    return pd.Series(result, index=axes[1] if along == 0 else axes[0])
+
+
+def _reduce_xarray(items, op, axis, keepdims, reduce):
+    import xarray as xr
+
+    if keepdims:
+        raise TypeError("keepdims=True is not supported with xarray inputs (xarray drops "
+                        "reduced dimensions); pass x.data")
+    if any(kind_of(x) not in ("xarray",) and np.ndim(x) > 0 for x in items):
+        raise TypeError("parallel_reduce over xarray objects takes xarray objects and "
+                        "scalars; wrap NumPy arrays in a DataArray with named dims first")
+    options = xr.get_options()
+    keep = options["keep_attrs"]
+    # align by label, then broadcast by name: every input then has the same dims
+    objs = [x for x in items if kind_of(x) == "xarray"]
+    objs = iter(xr.broadcast(*xr.align(*objs, join=options["arithmetic_join"])))
+    items = tuple(next(objs) if kind_of(x) == "xarray" else x for x in items)
+    first = next(x for x in items if kind_of(x) == "xarray")
+    if axis is None:
+        core, inner = list(first.dims), None
+    else:
+        axes = np.lib.array_utils.normalize_axis_tuple(axis, first.ndim) if hasattr(
+            np.lib, "array_utils") else tuple(a % first.ndim for a in (
+                axis if isinstance(axis, tuple) else (axis,)))
+        core = [first.dims[a] for a in axes]
+        inner = -1 if isinstance(axis, int) else tuple(range(-len(core), 0))
+
+    def func(*plain):
+        return reduce(plain, inner, False)
+
+    return xr.apply_ufunc(
+        func, *items,
+        input_core_dims=[core if kind_of(x) == "xarray" else [] for x in items],
+        keep_attrs=True if keep == "default" else keep, dask="allowed",
+    )

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 
-from coremap import _config, _layout
+from coremap import _config, _containers, _layout
 from coremap._kernels import _runner
 
 if TYPE_CHECKING:
@@ -697,6 +697,12 @@ def parallel_reduce(
         raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    items = arrays if isinstance(arrays, tuple) else (arrays,)
+    container = _containers.find(items)
+    if container is not None:  # pandas, xarray, masked or dask in (see _containers.py)
+        return _reduce_container(container, items, func, op, axis, dtype, out, keepdims,
+                                 initial, vectorized, backend, workers, chunk_size,
+                                 schedule, progress, timeout, retries)
     call = _Call(arrays, func, op, axis, dtype, out, keepdims, initial, vectorized)
     kind, map_dtype, kfunc, numba_error = _resolve(call)
     compiled, map_backend = _engines(kind, call.M * call.N, backend, workers)
@@ -731,6 +737,30 @@ def parallel_reduce(
         if bar is not None:
             bar.close()
     return _finish(call, values, index, map_dtype)
+
+
+def _reduce_container(kind, items, func, op, axis, dtype, out, keepdims, initial,
+                      vectorized, backend, workers, chunk_size, schedule, progress,
+                      timeout, retries):
+    """``parallel_reduce`` on the plain data of containers, rebuilt (``_containers.py``)."""
+    from coremap._api import parallel_map
+
+    _containers.check_out(kind, out)
+    run = {"backend": backend, "workers": workers, "chunk_size": chunk_size,
+           "schedule": schedule, "progress": progress, "timeout": timeout,
+           "retries": retries}
+
+    def reduce(plain, ax, keep):
+        return parallel_reduce(plain, func, op, axis=ax, dtype=dtype, keepdims=keep,
+                               initial=initial, vectorized=vectorized, **run)
+
+    def map_(containers):
+        if func is None:
+            return containers[0]
+        return parallel_map(containers, func, vectorized=vectorized, **run)
+
+    return _containers.reduce_containers(kind, items, op, axis, keepdims,
+                                         {"dtype": dtype, "initial": initial}, reduce, map_)
 
 
 def _check_out_dtype(call: _Call, map_dtype) -> None:
