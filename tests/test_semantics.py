@@ -68,6 +68,28 @@ def test_math_domain_errors_raise_valueerror(backend, func, bad):
         cm.parallel_map(x, func, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ENGINES)
+@pytest.mark.parametrize("bad, error", [(np.nan, ValueError), (np.inf, OverflowError),
+                                        (1e30, OverflowError)])
+def test_int_of_a_float_raises_on_an_unsampled_element(backend, bad, error):
+    x = np.linspace(0.0, 5.0, 5000)
+    x[2345] = bad
+    with pytest.raises(error):
+        cm.parallel_map(x, lambda v: int(v) + 1, backend=backend)
+
+
+def test_int_still_compiles_where_the_checked_one_does_not_type():
+    def f(v):
+        if isinstance(v, int):
+            return 1.0
+        return int(v) * 2.0
+
+    x = np.arange(5.0)
+    assert kind_of(x, f) == "numba"
+    np.testing.assert_array_equal(cm.parallel_map(x, f), python_answer(f, x))
+    np.testing.assert_array_equal(cm.parallel_map(np.arange(4), int), np.arange(4))
+
+
 def test_math_range_error_raises_overflowerror():
     x = np.ones(3000)
     x[77] = 1000.0
@@ -100,12 +122,13 @@ def _warned(arrays, func, **kw):
     return out, " ".join(str(w.message) for w in rec)
 
 
-def test_int_of_nan_sampled_warns_and_gives_pythons_error():
+def test_int_of_nan_on_a_sampled_element_raises_pythons_error_without_warning():
     x = np.linspace(0.0, 5.0, 200)
     x[0] = np.nan
-    out, msg = _warned(x, lambda v: int(v))
-    assert isinstance(out, ValueError)
-    assert "element (0,)" in msg and "ValueError" in msg and "-9223372036854775808" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="NaN"):
+            cm.parallel_map(x, lambda v: int(v))
 
 
 def test_integer_overflow_is_named():

@@ -13,6 +13,14 @@ CPython's own rule (``Modules/mathmodule.c``, ``math_1``):
 
 Everything else in ``math`` (constants, ``floor``, ``isnan``...) is passed
 through unchanged. The checks are two compares after each call.
+
+``int(x)`` of a float is swapped for :func:`checked_int`: NaN raises
+``ValueError`` and infinity ``OverflowError`` as in Python, and a float beyond
+the 64-bit range raises ``OverflowError`` (Python's unbounded int would hold
+it; a compiled int64 cannot: loud rather than wrong). Other argument types
+convert as before. Where the swap does not type (``dtype=int``,
+``isinstance(v, int)``), the function is compiled again without it
+(``_numba.resolve``).
 """
 from __future__ import annotations
 
@@ -90,6 +98,45 @@ def _lgamma(x):
     if math.isfinite(x) and x <= 0 and x == math.floor(x):
         raise ValueError("math domain error")
     return _check1(x, math.lgamma(x), True)
+
+
+# 2**63 as a float: the first float that does not fit an int64
+_INT64_END = 9.223372036854775808e18
+
+
+def checked_int(x):
+    """``int(x)``, with Python's errors for NaN and infinity (compiled by an overload)."""
+    return int(x)
+
+
+_int_registered = False
+
+
+def register_int() -> None:
+    """Give :func:`checked_int` its compiled overload (once)."""
+    global _int_registered
+    if _int_registered:
+        return
+    from numba.core import types as nt
+    from numba.extending import overload
+
+    @overload(checked_int, jit_options={"nogil": True, "error_model": "python"})
+    def _checked_int(x):
+        if not isinstance(x, nt.Float):
+            return lambda x: int(x)
+
+        def impl(x):
+            if x != x:
+                raise ValueError("cannot convert float NaN to integer")
+            if math.isinf(x):
+                raise OverflowError("cannot convert float infinity to integer")
+            if not -_INT64_END <= x < _INT64_END:
+                raise OverflowError("int too large for a compiled 64-bit integer")
+            return int(x)
+
+        return impl
+
+    _int_registered = True
 
 
 def module() -> types.ModuleType:

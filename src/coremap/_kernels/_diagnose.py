@@ -45,7 +45,8 @@ def where(text: str) -> str:
     lines = [_ANSI.sub("", ln).rstrip() for ln in text.splitlines()]
     for k, ln in enumerate(lines):
         m = _FILE.search(ln)
-        if m:  # then the def line, maybe "<source elided>", the line, a caret under it
+        if m and f"{os.sep}numba{os.sep}" not in m.group(1):  # the user's code, not Numba's
+            # the def line, maybe "<source elided>", the line, a caret under it
             src = ""
             for s in lines[k + 1:k + 8]:
                 if s.strip().startswith("^") or not s.strip():

@@ -15,10 +15,9 @@ float64 may round differently; NumPy's own vectorized math may differ from the
 C library's by an ulp). Semantic differences are far larger: ``round(2.675, 2)``
 (2.67 against 2.68), ``len(str(v))``, integers that wrap at 64 bits, ``int(nan)``.
 
-What it cannot see: an element it does not sample (a NaN, an overflow, a
-division by zero elsewhere in the array). Division by zero and math domain
-errors raise anyway (Python's error model and ``_checked.py``); integer
-wrap-around and ``int(nan)`` on unsampled elements stay Numba's.
+What it cannot see: an element it does not sample. Division by zero, math
+domain errors and ``int(nan)`` raise anyway (Python's error model and
+``_checked.py``); integer wrap-around on unsampled elements stays Numba's.
 """
 from __future__ import annotations
 

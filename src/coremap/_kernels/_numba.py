@@ -189,12 +189,12 @@ class _Compiled:
     __slots__ = ("dispatcher", "watch", "signatures", "kernels", "verdicts", "own",
                  "__weakref__")
 
-    def __init__(self, func) -> None:
+    def __init__(self, func, check_int: bool = True) -> None:
         numba = _numba()
         self.own = not is_dispatcher(func)
         if self.own:
             self.dispatcher, self.watch = _rebuild.rebuild(
-                func, numba.njit(**_rebuild.JIT_OPTIONS))
+                func, numba.njit(**_rebuild.JIT_OPTIONS), check_int)
             _diskcache.attach(self.dispatcher, func)  # on disk too, when it can be keyed
         else:  # the user's own @njit: compiled as they asked, globals as Numba reads them
             self.dispatcher, self.watch = func, _rebuild.Watch()
@@ -266,9 +266,11 @@ def resolve(func, in_dtypes: tuple[np.dtype, ...]):
         try:
             disp.compile(types_)
         except Exception as exc:  # TypingError, UnsupportedError, LoweringError, ...
-            text = _diagnose.explain(exc, _name(func))
-            st.signatures[in_dtypes] = text
-            raise NotCompilable(text) from None
+            disp = _without_checked_int(func, st, types_)
+            if disp is None:
+                text = _diagnose.explain(exc, _name(func))
+                st.signatures[in_dtypes] = text
+                raise NotCompilable(text) from None
         rtype = disp.overloads[types_].signature.return_type
         if not isinstance(rtype, (numba.types.Number, numba.types.Boolean)):
             raise TypeError(
@@ -281,6 +283,18 @@ def resolve(func, in_dtypes: tuple[np.dtype, ...]):
             result = _F16  # NumPy's rule: float16 in, float16 out (computed in float32)
         st.signatures[in_dtypes] = (disp, result)
         return disp, result
+
+
+def _without_checked_int(func, st: _Compiled, types_):
+    """Compile again with the plain ``int`` when the checked one did not type (None: no)."""
+    if not (st.own and st.watch.checked_int):
+        return None
+    plain = _Compiled(_target(func, len(types_)), check_int=False)
+    try:
+        plain.dispatcher.compile(types_)
+    except Exception:  # noqa: BLE001 - the first error is the one to report
+        return None
+    return plain.dispatcher
 
 
 def guard(func, in_dtypes, out_dtype, inputs, shape) -> str | None:

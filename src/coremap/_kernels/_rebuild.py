@@ -1,7 +1,7 @@
 """What Numba compiles for a user's function: a copy that reads its globals as Python does.
 
     user function f ──rebuild(f)──> a copy of f (same code, new globals and closure cells):
-        math, math.sqrt, ...        -> the checked math of _checked.py (Python's errors)
+        math, math.sqrt, ..., int   -> the checked math of _checked.py (Python's errors)
         a plain Python helper       -> its own rebuilt copy, jitted (recursively, cycles too)
         a global or closure ndarray -> an ArrayRef: the compiled code reads the live array
                                        (its address), not a copy frozen at compile time
@@ -37,7 +37,7 @@ _BY_VALUE = (numbers.Number, np.generic, str, bytes)
 class Watch:
     """The globals and closure cells a compiled function read, with their values then."""
 
-    __slots__ = ("globals", "cells", "scalars", "arrays", "helpers")
+    __slots__ = ("globals", "cells", "scalars", "arrays", "helpers", "checked_int")
 
     def __init__(self) -> None:
         self.globals: list = []  # (namespace dict, name, value, compare by value)
@@ -45,6 +45,7 @@ class Watch:
         self.scalars: list[str] = []
         self.arrays: list[str] = []
         self.helpers: list[str] = []
+        self.checked_int = False  # int() swapped for _checked.checked_int somewhere
 
     def current(self) -> bool:
         """True while every watched name still holds what the compiled code assumed."""
@@ -168,8 +169,9 @@ def _register() -> None:
 class _Rebuilder:
     """One rebuild: the jitted helpers made so far (by identity) and the Watch."""
 
-    def __init__(self, jit) -> None:
+    def __init__(self, jit, check_int: bool) -> None:
         self.jit = jit
+        self.check_int = check_int
         self.watch = Watch()
         self.done: dict[int, object] = {}
 
@@ -185,6 +187,9 @@ class _Rebuilder:
         if _by_value(value):
             self.watch.scalars.append(name)
             return None
+        if value is int and self.check_int:
+            self.watch.checked_int = True
+            return _checked.checked_int
         if isinstance(value, types.ModuleType) or getattr(value, "__module__", None) == "math":
             return _checked.checked(value)
         if isinstance(value, numba.core.dispatcher.Dispatcher):
@@ -210,8 +215,11 @@ class _Rebuilder:
         g = func.__globals__
         for name in global_names(func.__code__):
             value = g.get(name, _MISSING)
-            if value is _MISSING:
-                continue  # a builtin (or a NameError, raised by the compile)
+            if value is _MISSING:  # a builtin (or a NameError, raised by the compile)
+                if name == "int" and self.check_int:
+                    new_globals[name] = _checked.checked_int  # see _checked.py
+                    self.watch.checked_int = True
+                continue
             self.watch.globals.append((g, name, value, _by_value(value)))
             sub = self.substitute(name, value)
             new_globals[name] = value if sub is None else sub
@@ -240,12 +248,14 @@ def _copy(func):
     return copy, (new_globals, closure)
 
 
-def rebuild(func, jit) -> tuple[object, Watch]:
+def rebuild(func, jit, check_int: bool = True) -> tuple[object, Watch]:
     """The dispatcher of ``func``'s rebuilt copy (not compiled yet), and its Watch.
 
-    ``jit`` turns a copy into a dispatcher (``numba.njit(**JIT_OPTIONS)``).
+    ``jit`` turns a copy into a dispatcher (``numba.njit(**JIT_OPTIONS)``);
+    ``check_int`` swaps ``int`` for ``_checked.checked_int``.
     """
     _register()
-    r = _Rebuilder(jit)
+    _checked.register_int()
+    r = _Rebuilder(jit, check_int)
     disp = r.function(func)
     return disp, r.watch
