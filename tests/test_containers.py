@@ -336,3 +336,28 @@ def test_reduce_refusals_before_work():
         cm.parallel_reduce(pd.Series([1.0]), plus_one, keepdims=True)
     with pytest.raises(TypeError, match="not supported with masked"):
         cm.parallel_reduce(np.ma.array([1.0]), plus_one, np.fmax)
+
+
+# -- several outputs ---------------------------------------------------------------------
+
+def sum_and_product(a, b):
+    return a + b, a * b
+
+
+def test_several_outputs_keep_the_container(run):
+    s = pd.Series([1.0, 2.0, 3.0], index=list("abc"), name="n")
+    add, mul = run((s, 2.0), sum_and_product)
+    pd.testing.assert_series_equal(add, s + 2.0)
+    pd.testing.assert_series_equal(mul, s * 2.0)
+    d, _ = _grid()
+    add, mul = run((d, 2.0), sum_and_product)
+    xr.testing.assert_identical(add, np.add(d, 2.0))  # the ufunc protocol's result
+    xr.testing.assert_identical(mul, np.multiply(d, 2.0))
+    m = np.ma.array([1.0, 2.0, 3.0], mask=[0, 1, 0])
+    add, mul = run((m, 2.0), sum_and_product)
+    np.testing.assert_array_equal(add.mask, m.mask)
+    np.testing.assert_array_equal(mul.compressed(), [2.0, 6.0])
+    x = da.arange(10.0, chunks=4)
+    add, mul = run((x, 2.0), sum_and_product)
+    assert add.chunks == x.chunks and mul.chunks == x.chunks
+    np.testing.assert_array_equal(mul.compute(scheduler="synchronous"), np.arange(10.0) * 2)

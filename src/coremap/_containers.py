@@ -114,12 +114,30 @@ def _map_xarray(items, compute):
     def func(*plain):
         return compute(plain)
 
+    # apply_ufunc must be told how many outputs come back: a function returning
+    # a tuple is recognised on the first element (computed once, eagerly).
+    data = [x.data if kind_of(x) == "xarray" else x for x in items]
+    nout = 1
+    if all(getattr(d, "size", 1) != 0 for d in data):  # an empty input tells nothing
+        sample = compute(tuple(_first_element(d) for d in data))
+        nout = len(sample) if isinstance(sample, tuple) else 1
     # dask="allowed": dask-backed data reaches ``compute`` as dask arrays, which
     # the dask handler turns into a lazy map over blocks.
     return xr.apply_ufunc(
         func, *items, join=join, dataset_join=join, dataset_fill_value=np.nan,
         keep_attrs=keep_attrs, dask="allowed",
+        output_core_dims=[()] * nout if nout > 1 else ((),),
     )
+
+
+def _first_element(x):
+    """The first element of an array operand as a 1-element array (scalars as given)."""
+    if np.ndim(x) == 0:
+        return x
+    first = x[(slice(0, 1),) * np.ndim(x)]
+    if kind_of(first) == "dask":
+        first = first.compute(scheduler="synchronous")
+    return np.asarray(first).reshape(1)
 
 
 # -- dask ------------------------------------------------------------------------------
@@ -143,26 +161,36 @@ def _map_dask(items, compute, probe):
             plain[k] = b
         return compute(tuple(plain))
 
-    dtype = _dask_dtype(items, arrays, where, compute, probe)
-    # map_blocks unifies the chunks of the operands (the first operand's chunks
-    # win where they differ) and keeps them: one coremap call per block.
-    return da.map_blocks(block, *arrays, dtype=dtype,
-                         meta=np.empty((0,) * ndim, dtype), token="coremap")
+    # map_blocks (apply_gufunc for several outputs) unifies the chunks of the
+    # operands (the first operand's chunks win where they differ) and keeps them:
+    # one coremap call per block.
+    dtypes = _dask_dtypes(items, arrays, where, compute, probe)
+    if len(dtypes) > 1:
+        sig = ",".join(["()"] * len(arrays)) + "->" + ",".join(["()"] * len(dtypes))
+        return da.apply_gufunc(block, sig, *arrays, output_dtypes=list(dtypes))
+    return da.map_blocks(block, *arrays, dtype=dtypes[0],
+                         meta=np.empty((0,) * ndim, dtypes[0]), token="coremap")
 
 
-def _dask_dtype(items, arrays, where, compute, probe):
-    """The result dtype: from the planner, else by running one element (eager, tiny)."""
+def _dask_dtypes(items, arrays, where, compute, probe) -> tuple:
+    """The result dtypes: from the planner, else by running the first element (eager)."""
     stand_ins = list(items)
     for k, a in zip(where, arrays):
         stand_ins[k] = np.empty((1,) * a.ndim, a.dtype)
-    dtype = probe(tuple(stand_ins))
+    try:
+        dtype = probe(tuple(stand_ins))
+    except TypeError:  # e.g. a function returning a tuple: known by running it
+        dtype = None
     if dtype is not None:
-        return dtype
-    # A plain Python or vectorized function: its dtype is what it returns. Run
-    # it on the first element only (pass dtype= to avoid even that).
+        return (dtype,)
+    # A plain Python, vectorized or tuple-returning function: its dtypes are what it
+    # returns. Run it on the first element only (pass dtype= to avoid even that).
     for k, a in zip(where, arrays):
-        stand_ins[k] = np.asarray(a[(slice(0, 1),) * a.ndim].compute())
-    return np.asarray(compute(tuple(stand_ins))).dtype
+        stand_ins[k] = _first_element(a)
+    sample = compute(tuple(stand_ins))
+    if isinstance(sample, tuple):
+        return tuple(np.asarray(r).dtype for r in sample)
+    return (np.asarray(sample).dtype,)
 
 
 # -- pandas ----------------------------------------------------------------------------
