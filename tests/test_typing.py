@@ -32,8 +32,8 @@ def square(v: float) -> float:
     return v * v
 
 
-def add(a: int, b: int) -> int:
-    return a + b
+def two(v: float) -> tuple[float, float]:
+    return v, 2.0 * v
 
 
 def main() -> None:
@@ -45,6 +45,10 @@ def main() -> None:
                         backend="threads", workers=2, chunk_size=64, progress=False,
                         timeout=10.0, retries=0)
     z = cm.parallel_map(x, np.sin, vectorized=True, backend="serial", schedule="static")
+    pair: tuple[np.ndarray, ...] = cm.parallel_map(x, two)
+    q, r = cm.parallel_map((x, 3.0), np.divmod)
+    both = cm.parallel_map(x, two, out=(np.empty(1000), np.empty(1000)))
+    print(len(pair), q.shape, r.shape, len(both))
 
     out = cm.SharedArray.zeros((1000,))
     same: cm.SharedArray = cm.parallel_map(x, cm.kernels.affine(2.0, 1.0), out=out,
@@ -123,6 +127,9 @@ cm.parallel_map(x, np.sqrt, backend="thread")
 cm.explain(x, np.sqrt, workers="2")
 y: int = cm.parallel_map(x, np.sqrt)
 cm.parallel_reduce(x, op="average")
+def two(v: float) -> tuple[float, float]:
+    return v, v
+z: np.ndarray = cm.parallel_map(x, two)
 '''
 
 
@@ -155,5 +162,6 @@ def test_mypy_strict_rejects_misspelt_options(tmp_path):
     res = _mypy(tmp_path, MISTAKES)
     lines = [line for line in res.stdout.splitlines() if ": error:" in line]
     assert res.returncode == 1, res.stdout + res.stderr
-    # one error on each of the five wrong lines (6..10), none elsewhere
-    assert sorted({int(line.split(":")[1]) for line in lines}) == [6, 7, 8, 9, 10], res.stdout
+    # one error on each wrong line (6..10, and 13: two outputs are a tuple), none elsewhere
+    assert sorted({int(line.split(":")[1]) for line in lines}) == [6, 7, 8, 9, 10, 13], \
+        res.stdout

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, overload
 
 import numpy as np
@@ -16,6 +17,7 @@ from coremap._plan import Plan, all_default, make_plan, plan_call
 from coremap._typing import Backend, KernelFunc, Schedule
 
 if TYPE_CHECKING:
+    from numpy._typing import _UFunc_Nin1_Nout1, _UFunc_Nin2_Nout1
     from typing_extensions import Unpack
 
     from coremap._typing import MapOptions
@@ -26,6 +28,9 @@ __all__ = ["parallel_map", "explain", "CoremapWarning"]
 _OutT = TypeVar("_OutT", bound="np.ndarray[Any, Any]")
 # inputs whose result is a plain ndarray; other array-likes (pandas, xarray, dask)
 # come back as the same kind of object, typed Any
+# ufuncs with one output give one array (NumPy's stubs type a ufunc by its arity;
+# a ufunc with two outputs, like a function returning a tuple, gives a tuple)
+_SingleOutputUfunc = Union["_UFunc_Nin1_Nout1[Any, Any, Any]", "_UFunc_Nin2_Nout1[Any, Any, Any]"]
 _PlainInput = Union["NDArray[Any]", "list[Any]", float, "tuple[NDArray[Any] | float, ...]"]
 
 
@@ -45,6 +50,60 @@ def parallel_map(
     timeout: float | None = None,
     retries: int = 0,
 ) -> _OutT: ...
+
+
+@overload
+def parallel_map(
+    arrays: ArrayLike | tuple[ArrayLike, ...],
+    func: KernelFunc,
+    *,
+    out: tuple[NDArray[Any], ...],
+    dtype: DTypeLike | None = None,
+    vectorized: bool = False,
+    backend: Backend | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    schedule: Schedule = "guided",
+    progress: bool = False,
+    timeout: float | None = None,
+    retries: int = 0,
+) -> tuple[NDArray[Any], ...]: ...
+
+
+@overload
+def parallel_map(
+    arrays: _PlainInput,
+    func: _SingleOutputUfunc,
+    *,
+    out: None = None,
+    dtype: DTypeLike | None = None,
+    vectorized: bool = False,
+    backend: Backend | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    schedule: Schedule = "guided",
+    progress: bool = False,
+    timeout: float | None = None,
+    retries: int = 0,
+) -> NDArray[Any]: ...
+
+
+@overload
+def parallel_map(
+    arrays: _PlainInput,
+    func: Callable[..., tuple[Any, ...]],
+    *,
+    out: None = None,
+    dtype: DTypeLike | None = None,
+    vectorized: bool = False,
+    backend: Backend | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    schedule: Schedule = "guided",
+    progress: bool = False,
+    timeout: float | None = None,
+    retries: int = 0,
+) -> tuple[NDArray[Any], ...]: ...
 
 
 @overload
@@ -87,7 +146,7 @@ def parallel_map(
     arrays: ArrayLike | tuple[ArrayLike, ...],
     func: KernelFunc,
     *,
-    out: np.ndarray[Any, Any] | None = None,
+    out: np.ndarray[Any, Any] | tuple[np.ndarray[Any, Any], ...] | None = None,
     dtype: DTypeLike | None = None,
     vectorized: bool = False,
     backend: Backend | None = None,
@@ -97,7 +156,7 @@ def parallel_map(
     progress: bool = False,
     timeout: float | None = None,
     retries: int = 0,
-) -> NDArray[Any]:
+) -> Any:
     """Apply ``func`` to every element of ``arrays`` on every core.
 
     Parameters
