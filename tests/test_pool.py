@@ -497,3 +497,17 @@ def test_temporary_shared_array_lives_until_its_task_is_done():
         gc.collect()
         assert r.get(timeout=30) == 45.0
         assert blocker.get(timeout=30) == 0.5
+
+
+def test_a_running_pool_dropped_unclosed_is_collected_and_stopped():
+    pool = cm.Pool(2)
+    assert pool.map(square, [1, 2]) == [1, 4]
+    procs, handler = pool._pool, pool._handler
+    with pytest.warns(ResourceWarning, match="unclosed running multiprocessing pool"):
+        del pool
+        gc.collect()
+        handler.join(10)  # it lets go of the pool between steps
+    assert not handler.is_alive()
+    for p in procs:
+        p.join(10)
+        assert not p.is_alive()

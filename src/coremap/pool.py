@@ -656,8 +656,10 @@ class Pool:
             _shutdown(self._workers, self._wakeup_w)
             self._wakeup_r.close()
             raise
-        self._handler = threading.Thread(target=self._handle, name="coremap-pool-handler",
-                                         daemon=True)
+        # the thread holds the pool only by a weak reference between steps, so a pool
+        # dropped while running is collected: warned about, its workers stopped
+        self._handler = threading.Thread(target=_handle, args=(weakref.ref(self),),
+                                         name="coremap-pool-handler", daemon=True)
         self._handler.start()
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._wakeup_w)
 
@@ -1014,8 +1016,10 @@ class Pool:
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         # as multiprocessing.Pool: a pool collected while running was never closed
         if getattr(self, "_state", None) == RUN:
-            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
-                  source=self)
+            # no ``source=self``: a recorded warning would keep the pool alive
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning)
+            self._state = TERMINATE  # and if something resurrects it, the handler ends
+            self._wake()
 
     # -- the broken state ------------------------------------------------------------------
     def _broken_error(self) -> BrokenProcessPool:
@@ -1052,47 +1056,47 @@ class Pool:
         while self._wakeup_r.poll():
             self._wakeup_r.recv_bytes()
 
-    def _handle(self) -> None:
-        try:
-            self._loop()
-        finally:
-            with self._lock:
-                jobs = list(self._jobs.values())
-                self._jobs.clear()
-                tasks = [*self._busy.values(), *self._retry]
-                self._busy.clear()
-                self._retry.clear()
-                for job in self._tasks:
-                    job.drop()
-                self._tasks.clear()
-            for task in tasks:
-                task.release()
-            for result in jobs:  # never leave a get() waiting on a pool that is gone
-                result._abort(RuntimeError("the pool was terminated before this result "
-                                           "was computed"))
+    def _fail_outstanding(self) -> None:
+        """The handler is ending: fail what is still waiting, let go of its inputs."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+            self._jobs.clear()
+            tasks = [*self._busy.values(), *self._retry]
+            self._busy.clear()
+            self._retry.clear()
+            for job in self._tasks:
+                job.drop()
+            self._tasks.clear()
+        for task in tasks:
+            task.release()
+        for result in jobs:  # never leave a get() waiting on a pool that is gone
+            result._abort(RuntimeError("the pool was terminated before this result "
+                                       "was computed"))
 
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                if self._state == TERMINATE:
-                    return
-                self._dispatch()
-                if (self._state == CLOSE and not self._tasks and not self._retry
-                        and not self._busy):
-                    for w in self._workers:
-                        _send_quietly(w, STOP)
-                    return
-                conns = {w.conn: w for w in self._workers}
-                sentinels = {w.process.sentinel: w for w in self._workers}
-            ready = wait([self._wakeup_r, *conns, *sentinels], timeout=0.5)
-            for r in ready:
-                if r is self._wakeup_r:
-                    self._drain_wakeups()
-                elif r in conns:
-                    self._receive(conns[r])
-            for r in ready:
-                if r in sentinels:
-                    self._reap(sentinels[r])
+    def _step(self) -> bool:
+        """One round of the handler: send, wait (0.5 s at most), receive, reap.
+        False once the pool is terminated, or closed with nothing left to do."""
+        with self._lock:
+            if self._state == TERMINATE:
+                return False
+            self._dispatch()
+            if (self._state == CLOSE and not self._tasks and not self._retry
+                    and not self._busy):
+                for w in self._workers:
+                    _send_quietly(w, STOP)
+                return False
+            conns = {w.conn: w for w in self._workers}
+            sentinels = {w.process.sentinel: w for w in self._workers}
+        ready = wait([self._wakeup_r, *conns, *sentinels], timeout=0.5)
+        for r in ready:
+            if r is self._wakeup_r:
+                self._drain_wakeups()
+            elif r in conns:
+                self._receive(conns[r])
+        for r in ready:
+            if r in sentinels:
+                self._reap(sentinels[r])
+        return True
 
     def _next_task(self) -> _Task | None:
         while self._retry:
@@ -1225,6 +1229,22 @@ class Pool:
                 del self._workers[i]
                 if not self._workers:
                     self._break("starting a pool worker", exc)
+
+
+def _handle(ref: weakref.ref[Pool]) -> None:
+    """The handler thread's loop (see the module docstring)."""
+    while True:
+        pool = ref()
+        if pool is None:  # collected while running: its finalizer stopped the workers
+            return
+        try:
+            if not pool._step():
+                pool._fail_outstanding()
+                return
+        except BaseException:
+            pool._fail_outstanding()
+            raise
+        del pool
 
 
 def _send_quietly(w: _Worker, msg: Any) -> bool:
