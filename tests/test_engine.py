@@ -100,9 +100,13 @@ def test_timed_chunks_are_capped():
     job = _runner.Job(1_000_000, 2, "guided", 1, 1 << 30, target_ns=1_000_000, first_chunk=10)
     lo, hi = job.claim()
     assert hi - lo == 10  # cost unknown: a small first chunk
-    job.complete(lo, hi, 10 * 10_000)  # 10 us per element
-    lo, hi = job.claim()
-    assert hi - lo == 100  # 1 ms of work
+    sizes = []
+    for _ in range(5):
+        job.complete(lo, hi, (hi - lo) * 10_000)  # 10 us per element
+        lo, hi = job.claim()
+        sizes.append(hi - lo)
+    # at most twice the chunk just timed, then 1 ms of work
+    assert sizes == [20, 40, 80, 100, 100]
 
 
 def test_cancel_stops_claims():
@@ -267,11 +271,30 @@ CTRL_C_SCRIPT = textwrap.dedent(
         time.sleep(0.05)
         return c
 
+    # The cost per element rises steeply along a sorted array (as v**2, from ~0): a
+    # chunk sized on the first elements would run for minutes further on.
+    def rising(v):
+        s = 0.0
+        for i in range(int(3e8 * v * v)):
+            s += np.sin(s + i)
+        return s
+
+    def rising_chunk(c):
+        time.sleep(0.3 * c.size * c[-1] ** 2)
+        return c
+
     kind = sys.argv[1]
     x = np.random.default_rng(0).random(2_000_000)
     if kind == "numba":
         cm.parallel_map(x[:10], slow)
         call = lambda: cm.parallel_map(x, slow)
+    elif kind == "rising":
+        cm.parallel_map(np.linspace(0.0, 1e-3, 10), rising)  # compiled on cheap elements
+        x = np.linspace(0.0, 1.0, 2_000_000)
+        call = lambda: cm.parallel_map(x, rising)
+    elif kind == "rising_vectorized":
+        x = np.linspace(0.0, 1.0, 2_000_000)
+        call = lambda: cm.parallel_map(x, rising_chunk, vectorized=True, backend="threads")
     else:
         call = lambda: cm.parallel_map(x, slow_chunk, vectorized=True, chunk_size=1000)
     print("ready", flush=True)
@@ -287,8 +310,10 @@ CTRL_C_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kind", ["numba", "vectorized"])
+@pytest.mark.parametrize("kind", ["numba", "vectorized", "rising", "rising_vectorized"])
 def test_ctrl_c_stops_within_a_second(kind, tmp_path):
+    """Ctrl-C acts within a second, also when the cost per element rises along the array
+    (a chunk length learnt on cheap elements must not run on costly ones)."""
     script = tmp_path / "ctrl_c.py"
     script.write_text(CTRL_C_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), kind], stdout=subprocess.PIPE,
@@ -330,3 +355,95 @@ def test_more_than_2_31_elements():
         assert out[i, j] == (i % 256) ^ (j % 256)
     assert np.array_equal(out[-1], (255 ^ (np.arange(2**16) % 256)).astype(np.uint8))
     del out
+
+
+# -- nothing writes after the call: timeout, errors (issue: timeout kept writing) ---------
+
+def slow_numba(v):
+    s = v
+    for _ in range(20_000):
+        s = s * 0.999 + 0.001
+    return s
+
+
+def slow_chunk(c):
+    time.sleep(0.02)
+    return c + 1.0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["numba", "vectorized"])
+def test_timeout_leaves_out_untouched_after_raising(kind):
+    """After TimeoutError, no thread of the call writes into ``out`` any more."""
+    x = np.linspace(0.0, 1.0, 400_000)
+    if kind == "numba":
+        cm.parallel_map(x[:10], slow_numba)
+        kwargs = {}
+        func = slow_numba
+    else:
+        kwargs = {"vectorized": True, "chunk_size": 1000}
+        func = slow_chunk
+    out = np.full_like(x, -1.0)
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError, match="did not finish within 0.3 s"):
+        cm.parallel_map(x, func, out=out, workers=2, backend="threads", timeout=0.3, **kwargs)
+    assert time.perf_counter() - t0 < 2.0
+    out[:] = -2.0  # what the caller writes after the error must stay
+    time.sleep(0.5)
+    assert np.all(out == -2.0), f"{np.count_nonzero(out != -2.0)} elements overwritten"
+
+
+def test_error_in_a_helper_stops_all_writes():
+    """A failing chunk cancels the call; when it raises, every helper has stopped."""
+
+    def fails_late(c):
+        if c[0] >= 150_000:
+            raise ValueError("late")
+        time.sleep(0.005)
+        return c
+
+    x = np.arange(200_000.0)
+    out = np.zeros_like(x)
+    with pytest.raises(ValueError, match="late"):
+        cm.parallel_map(x, fails_late, out=out, vectorized=True, workers=3, chunk_size=1000,
+                        schedule="dynamic", backend="threads")
+    snapshot = out.copy()
+    time.sleep(0.2)
+    assert same_bits(out, snapshot)
+
+
+# -- nested calls never wait for pool threads busy with their parent ----------------------
+
+NESTED_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import coremap as cm
+
+    def keep(v):
+        return v * 1.0
+
+    opts = {"progress": True} if sys.argv[1] == "progress" else {"timeout": 5.0}
+
+    def outer(chunk):  # runs on both pool threads at once; inner: as many workers
+        return cm.parallel_map(chunk, keep, workers=2, **opts)
+
+    x = np.random.default_rng(0).random(200_000)
+    got = cm.parallel_map(x, outer, vectorized=True, workers=3, chunk_size=5_000,
+                          schedule="dynamic")
+    assert np.array_equal(got, x)
+    print("ok", flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("opt", ["progress", "timeout"])
+def test_nested_call_with_progress_or_timeout(opt, tmp_path):
+    """An inner call with progress/timeout inside a vectorized pool thread finishes."""
+    script = tmp_path / "nested.py"
+    script.write_text(NESTED_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), opt], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "ok"

@@ -130,6 +130,12 @@ def execute(plan, progress: bool = False) -> np.ndarray:
         target = np.empty(plan.shape, out.dtype.newbyteorder("="), order=plan.order)
         space = _prepare_views(plan, target)
     native = plan.kind in ("builtin", "numba")
+    if (plan.timeout is not None and not native and plan.engine == "threads"
+            and target is plan.out):
+        # A Python chunk stuck past the deadline cannot be stopped: it writes into
+        # a private buffer, copied into out only on success (engines/_threads.py).
+        target = np.empty(plan.shape, out.dtype.newbyteorder("="), order=plan.order)
+        space = _prepare_views(plan, target)
     errors = Errors()
     job = new_job(plan)
     if native:

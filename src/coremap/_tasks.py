@@ -18,23 +18,40 @@ import numpy as np
 from coremap._kernels._numba import kernel_scope
 
 
+class _NativeTask:
+    """The task that runs a native kernel: claim chunks in Cython, no GIL.
+
+    ``native`` tells the thread engine to give it native pool helpers rather
+    than Python threads.
+    """
+
+    native = True
+    __slots__ = ("main",)
+
+    def __init__(self) -> None:
+        self.main = threading.current_thread() is threading.main_thread()
+
+    def __call__(self, job, caller, helpers: int = 0, poll_ns: int = 100_000_000):
+        with kernel_scope():  # only the main thread can take Ctrl-C between pieces
+            job.run_native(check_signals=caller and self.main, helpers=helpers,
+                           poll_ns=poll_ns)
+
+
 def native_task():
-    """The task that runs a native kernel: claim chunks in Cython, no GIL."""
-    main = threading.current_thread() is threading.main_thread()
-
-    def task(job, caller):
-        with kernel_scope():  # only the main thread can take Ctrl-C between chunks
-            job.run_native(check_signals=caller and main)
-
-    return task
+    """The task that runs a native kernel (see ``_NativeTask``)."""
+    return _NativeTask()
 
 
 def python_task(chunk, errors):
-    """The task that runs a Python chunk function ``chunk(lo, hi)``, timing each chunk."""
+    """The task that runs a Python chunk function ``chunk(lo, hi)``, timing each chunk.
+
+    In the caller, ``job.monitor`` (progress, deadline) runs after each chunk.
+    """
 
     def task(job, caller):
         if not job.enter():
             return
+        monitor = job.monitor if caller else None
         try:
             while (claim := job.claim()) is not None:
                 lo, hi = claim
@@ -48,6 +65,8 @@ def python_task(chunk, errors):
                         raise
                     return
                 job.complete(lo, hi, perf_counter_ns() - t0)
+                if monitor is not None:
+                    monitor()
         finally:
             job.leave()
 

@@ -91,12 +91,14 @@ def _install_hook() -> None:
     global _hook_installed
     if _hook_installed:
         return
+    from coremap._kernels import _runner
+
     previous = sys.unraisablehook
 
     def hook(unraisable):
         obj = unraisable.object
         if (
-            getattr(_scope, "active", False)
+            (getattr(_scope, "active", False) or _runner.in_pool_worker())
             and isinstance(obj, str)
             and obj.startswith("<numba.core.cpu.CPUContext")
         ):

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The GIL-free chunk runner.
+"""The GIL-free chunk runner and the native worker pool.
 
 A :class:`Job` is one parallel call: ``n`` elements, a schedule, and either a
 native kernel (a C function pointer, see ``_runner.pxd``) or nothing (the
@@ -8,23 +8,37 @@ thread claims ``[lo, hi)`` ranges from one shared atomic counter, so uneven work
 balances by itself; nobody hands out work.
 
     caller thread ─┐                      ┌─> kernel(ptrs, meta, lo, hi)
-    pool thread 1 ─┼─> claim() ── next ───┼─> kernel(ptrs, meta, lo, hi)
-    pool thread k ─┘   (atomic CAS)       └─> ... done += hi - lo
+    pool worker 1 ─┼─> claim() ── next ───┼─> kernel(ptrs, meta, lo, hi)
+    pool worker k ─┘   (atomic CAS)       └─> ... done += hi - lo
 
-``cancel`` is checked between chunks; ``done`` counts finished elements and
-feeds the progress bar; ``active`` counts threads inside the job, so the caller
-knows when nobody can still be writing to the output after a cancel.
+Native kernels run on the native pool (``_pool.h``): POSIX threads that never
+touch the GIL. The caller posts its job (:meth:`Job.run_native` with
+``helpers``), computes chunks itself, then unlinks the job and waits for the
+helpers inside it, so when ``run_native`` returns or raises, no thread of the
+call can still write into its arrays. The caller never waits for a helper to
+*arrive*: a nested call, or a call while every worker serves other callers,
+finishes in the caller alone.
 
-Chunks are timed. The measured cost per element does two things:
+``cancel`` is checked between pieces (below); ``done`` counts finished
+elements and feeds the progress bar; ``active`` counts callers and Python
+helpers inside the job (the process engine reads it to know when nobody can
+still be writing after a cancel).
 
-* it caps the chunk length so one chunk lasts about ``target_ns``: Ctrl-C, a
-  cancel after an error and the progress bar act within one chunk even for a
-  function that takes milliseconds per element, and the tail balances;
+Chunks are timed. The measured cost per element does three things:
+
+* it caps the chunk length so one chunk lasts about ``target_ns``, and the
+  guided tail at ``floor_ns`` of work;
+* inside a chunk, the native loop runs the kernel on *pieces* re-timed one
+  after the other (the next piece lasts about ``target_ns / 4`` at the cost just
+  measured, and is at most twice the last one), so Ctrl-C, cancel, progress and
+  ``timeout=`` act within one piece even when the cost per element rises along
+  the array (a chunk sized on cheap elements is cut before it reaches the
+  costly ones). Python chunks (``complete``) grow at most 2x per chunk instead;
 * while only the caller works, it decides whether helpers are worth waking: once
-  the estimated remaining time exceeds ``escalate_ns``, ``on_escalate()`` is
-  called (once) and the engine posts the job to its workers. A small call is
-  thus finished by the caller alone, with no thread woken, whatever its size in
-  elements: the crossover is a time, not an element count.
+  the estimated remaining time exceeds ``escalate_ns`` (for the native pool:
+  twice its measured wake-up time, see :func:`pool_wake_ns`), the helpers are
+  posted. A small call is thus finished by the caller alone, with no thread
+  woken, whatever its size in elements: the crossover is a time, not a count.
 """
 cimport numpy as cnp
 from cpython.exc cimport PyErr_CheckSignals
@@ -42,9 +56,43 @@ cdef extern from "_atomics.h" nogil:
     bint cm_cas(int64_t *p, int64_t *expected, int64_t desired)
 
 
+cdef extern from "_pool.h" nogil:
+    ctypedef struct cm_job:
+        void (*run)(cm_job *job) noexcept nogil
+        int64_t seats
+        int64_t inside
+        int64_t posted_at
+        int64_t linked
+        cm_job *next
+    void cm_pool_init()
+    int64_t cm_pool_ensure(int64_t n)
+    void cm_pool_post(cm_job *job, int64_t seats)
+    void cm_pool_unlink(cm_job *job)
+    bint cm_pool_wait_idle(cm_job *job, int64_t limit_ns)
+    int64_t cm_pool_size()
+    int64_t cm_pool_wake_ns()
+    bint cm_pool_in_worker()
+    void cm_pool_shutdown()
+    int CM_POOL_MAX
+
+
 cnp.import_array()
+cm_pool_init()
 
 SCHEDULES = {"static": 0, "dynamic": 1, "guided": 2}
+POOL_MAX = CM_POOL_MAX
+
+# Aimed duration of one piece of a chunk when the job is untimed (the static
+# schedule): a responsiveness choice (Ctrl-C within ~5 ms of work), not a
+# measurement; the kernel call and clock read it adds cost ~50 ns per piece.
+DEF UNTIMED_PIECE_NS = 5_000_000
+# First piece of a chunk whose cost is unknown: small, then doubling, so even a
+# function taking a second per element answers Ctrl-C within a few elements.
+DEF FIRST_PIECE = 8
+DEF NEVER = 1 << 62
+# Below this much work left, no helper is posted even if the pool wakes fast: a
+# post costs a lock and a broadcast (a few us) and the tail waits for the helper.
+DEF MIN_ESCALATE_NS = 10_000
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -71,27 +119,162 @@ cdef struct JobState:
 STATE_BYTES = sizeof(JobState)
 
 
+cdef struct Ctx:
+    # What a native pool worker needs, without the GIL. ``hdr`` comes first:
+    # the pool hands back the cm_job pointer, which is the Ctx pointer.
+    cm_job hdr
+    JobState *st
+    int64_t n
+    int64_t workers
+    int schedule
+    int64_t chunk
+    int64_t max_chunk
+    int64_t target_ns
+    int64_t piece_ns
+    int64_t escalate_ns
+    int64_t floor_ns
+    int64_t helpers                      # pool seats to post (0: no pool)
+    int64_t helped                       # elements computed by pool workers (atomic)
+    kernel_t kernel
+    void **ptrs
+    int64_t *meta
+    int64_t *slot
+
+
+cdef inline bint ctx_claim(Ctx *c, int64_t *lo, int64_t *hi) noexcept nogil:
+    cdef int64_t start = cm_load(&c.st.next)
+    cdef int64_t size, rem
+    while True:
+        rem = c.n - start
+        if rem <= 0:
+            return False
+        if c.schedule == 2:
+            size = (rem + 2 * c.workers - 1) // (2 * c.workers)
+            if size < c.st.floor:
+                size = c.st.floor
+        else:
+            size = c.chunk
+        if size > c.st.cap:
+            size = c.st.cap
+        if size > rem:
+            size = rem
+        if cm_cas(&c.st.next, &start, start + size):
+            lo[0] = start
+            hi[0] = start + size
+            return True
+        # start now holds the value another thread stored; retry
+
+
+cdef inline bint ctx_observe(Ctx *c, int64_t count, int64_t ns, int64_t grow) noexcept nogil:
+    """Learn the cost per element from a timed run; True if helpers are due.
+
+    ``grow`` > 0 caps the next chunks at ``grow`` elements (twice the chunk just
+    timed): a cost that rises along the array cannot make one chunk run for long.
+    """
+    cdef double per
+    cdef int64_t cap
+    if count <= 0:
+        return False
+    per = <double>ns / count
+    c.st.ns_per_element = per
+    if c.target_ns > 0:
+        cap = c.max_chunk if per <= 0 else <int64_t>(c.target_ns / per)
+        if grow > 0 and cap > grow:
+            cap = grow
+        if cap < 1:
+            cap = 1
+        if cap > c.max_chunk:
+            cap = c.max_chunk
+        cm_store(&c.st.cap, cap)
+        if c.floor_ns > 0 and per > 0:
+            # The guided tail shrinks no further than floor_ns of work: short
+            # enough to balance uneven work, long enough to keep a memory-bound
+            # kernel streaming (benchmarks: W1 into out= lost ~25% to 1,024-element
+            # tail chunks; W3 sorted needs a fine tail).
+            cap = <int64_t>(c.floor_ns / per)
+            if cap < c.chunk:
+                cap = c.chunk
+            if cap > c.max_chunk:
+                cap = c.max_chunk
+            cm_store(&c.st.floor, cap)
+    if cm_load(&c.st.escalate_pending):
+        if (c.n - cm_load(&c.st.next)) * per > c.escalate_ns:
+            cm_store(&c.st.escalate_pending, 0)
+            return True
+    return False
+
+
+cdef inline void ctx_fail(Ctx *c, int64_t lo, int64_t hi) noexcept nogil:
+    cdef int64_t expected = -1
+    if cm_cas(&c.st.err_lo, &expected, lo):
+        cm_store(&c.st.err_hi, hi)
+    cm_store(&c.st.cancel, 1)
+
+
+cdef int64_t ctx_pieces(Ctx *c, int64_t pos, int64_t hi, int64_t until, double *per,
+                        int64_t *last, bint caller) noexcept nogil:
+    """Run ``[pos, hi)`` in re-timed pieces until done, cancelled, or ``until`` passes.
+
+    Returns the position reached, or -1 if the kernel failed (recorded). ``per``
+    and ``last`` carry this thread's cost estimate and last piece length.
+    """
+    cdef int64_t size, t0, t1
+    while pos < hi and cm_load(&c.st.cancel) == 0:
+        if per[0] > 0:
+            size = <int64_t>(c.piece_ns / per[0])
+            if size > 2 * last[0]:
+                size = 2 * last[0]
+        else:
+            size = FIRST_PIECE if last[0] == 0 else 2 * last[0]
+        if size < 1:
+            size = 1
+        if size > hi - pos:
+            size = hi - pos
+        t0 = now_ns()
+        if c.kernel(c.ptrs, c.meta, pos, pos + size) == 0:
+            ctx_fail(c, pos, pos + size)
+            return -1
+        t1 = now_ns()
+        cm_fetch_add(&c.st.done, size)
+        if t1 > t0:
+            per[0] = <double>(t1 - t0) / size
+        last[0] = size
+        if ctx_observe(c, size, t1 - t0, 0) and caller and c.helpers > 0:
+            # workers are started only when first worth waking (a small call starts none)
+            cm_pool_post(&c.hdr, min(c.helpers, cm_pool_ensure(c.helpers)))
+        pos += size
+        if t1 >= until:
+            break
+    return pos
+
+
+cdef void ctx_helper(cm_job *job) noexcept nogil:
+    """A pool worker's share of a job: claim and run chunks until none are left."""
+    cdef Ctx *c = <Ctx *>job
+    cdef int64_t lo, hi
+    cdef double per = c.st.ns_per_element
+    cdef int64_t last = 0
+    while cm_load(&c.st.cancel) == 0 and ctx_claim(c, &lo, &hi):
+        if ctx_pieces(c, lo, hi, NEVER, &per, &last, False) < 0:
+            return
+        cm_fetch_add(&c.helped, hi - lo)
+
+
+# Jobs whose helpers could not be waited for (a second interrupt while
+# draining): kept alive forever, so no worker can touch freed memory.
+_abandoned = []
+
+
 cdef class Job:
     """Shared state of one parallel call (see the module docstring)."""
 
-    cdef readonly int64_t n
-    cdef readonly int64_t workers
-    cdef readonly int schedule
-    cdef readonly int64_t chunk          # static block / dynamic size / guided minimum
-    cdef readonly int64_t max_chunk      # cap, so a chunk never runs for long
-    cdef readonly int64_t target_ns      # aimed duration of one chunk (0: no timing cap)
-    cdef readonly int64_t escalate_ns    # wake helpers once this much work remains
-    cdef readonly int64_t floor_ns       # a guided chunk is worth at least this much work
-    cdef public object on_escalate       # called once, in the caller, to wake helpers
+    cdef Ctx c
     cdef JobState _own                   # the state, unless it lives in shared memory
-    cdef JobState *st
-    cdef int64_t *slot                   # this thread's [lo, hi) in flight, or NULL
     cdef object _state_owner
-    cdef kernel_t _kernel
-    cdef void **_ptrs
-    cdef int64_t *_meta
     cdef object _keepalive
+    cdef public object on_escalate       # called once, in the caller, to wake Python helpers
     cdef public object event             # set by the last thread to leave
+    cdef public object monitor           # called in the caller between chunks (progress, timeout)
 
     def __cinit__(self, int64_t n, int64_t workers, str schedule="guided",
                   int64_t chunk=1, int64_t max_chunk=1 << 62, int64_t target_ns=0,
@@ -99,141 +282,122 @@ cdef class Job:
                   bint init=True, object state_owner=None, int64_t floor_ns=0):
         if n < 0 or workers < 1 or chunk < 1 or max_chunk < 1 or target_ns < 0:
             raise ValueError("invalid Job parameters")
-        self.n = n
-        self.workers = workers
-        self.schedule = SCHEDULES[schedule]
-        self.chunk = chunk
-        self.max_chunk = max_chunk
-        self.target_ns = target_ns
-        self.escalate_ns = escalate_ns
-        self.floor_ns = floor_ns
+        self.c.n = n
+        self.c.workers = workers
+        self.c.schedule = SCHEDULES[schedule]
+        self.c.chunk = chunk
+        self.c.max_chunk = max_chunk
+        self.c.target_ns = target_ns
+        self.c.piece_ns = target_ns // 4 if target_ns > 0 else UNTIMED_PIECE_NS
+        self.c.escalate_ns = escalate_ns
+        self.c.floor_ns = floor_ns
+        self.c.helpers = 0
+        self.c.helped = 0
+        self.c.hdr.run = ctx_helper
+        self.c.hdr.seats = 0
+        self.c.hdr.inside = 0
+        self.c.hdr.linked = 0
+        self.c.hdr.posted_at = 0
+        self.c.hdr.next = NULL
+        self.c.slot = NULL
+        self.c.kernel = NULL
+        self.c.ptrs = NULL
+        self.c.meta = NULL
         self.on_escalate = None
-        self.slot = NULL
+        self.monitor = None
         self._state_owner = state_owner  # keeps a shared mapping alive
-        self.st = &self._own if state == 0 else <JobState *>state
+        self.c.st = &self._own if state == 0 else <JobState *>state
         if init or state == 0:
             # Until a chunk has been timed the cost is unknown: start small.
-            self.st.cap = (first_chunk if target_ns > 0 and 0 < first_chunk < max_chunk
-                           else max_chunk)
-            self.st.ns_per_element = 0.0
-            self.st.escalate_pending = 0
-            self.st.floor = chunk
-            self.st.next = 0
-            self.st.done = 0
-            self.st.active = 0
-            self.st.cancel = 0
-            self.st.err_lo = -1
-            self.st.err_hi = -1
-        self._kernel = NULL
-        self._ptrs = NULL
-        self._meta = NULL
+            self.c.st.cap = (first_chunk if target_ns > 0 and 0 < first_chunk < max_chunk
+                             else max_chunk)
+            self.c.st.ns_per_element = 0.0
+            self.c.st.escalate_pending = 0
+            self.c.st.floor = chunk
+            self.c.st.next = 0
+            self.c.st.done = 0
+            self.c.st.active = 0
+            self.c.st.cancel = 0
+            self.c.st.err_lo = -1
+            self.c.st.err_hi = -1
         self.event = None
 
     def __dealloc__(self):
-        free(self._ptrs)
-        free(self._meta)
+        free(self.c.ptrs)
+        free(self.c.meta)
+
+    @property
+    def n(self):
+        return self.c.n
+
+    @property
+    def workers(self):
+        return self.c.workers
+
+    @property
+    def schedule(self):
+        return self.c.schedule
+
+    @property
+    def chunk(self):
+        return self.c.chunk
+
+    @property
+    def max_chunk(self):
+        return self.c.max_chunk
+
+    @property
+    def target_ns(self):
+        return self.c.target_ns
+
+    @property
+    def escalate_ns(self):
+        return self.c.escalate_ns
+
+    @property
+    def floor_ns(self):
+        return self.c.floor_ns
 
     def set_kernel(self, intptr_t address, ptrs, meta, keepalive):
         """Attach a native kernel and its operands (addresses and strides)."""
         cdef Py_ssize_t i
-        free(self._ptrs)
-        free(self._meta)
-        self._ptrs = <void **>malloc(len(ptrs) * sizeof(void *))
-        self._meta = <int64_t *>malloc(len(meta) * sizeof(int64_t))
-        if self._ptrs == NULL or self._meta == NULL:
+        free(self.c.ptrs)
+        free(self.c.meta)
+        self.c.ptrs = <void **>malloc(len(ptrs) * sizeof(void *))
+        self.c.meta = <int64_t *>malloc(len(meta) * sizeof(int64_t))
+        if self.c.ptrs == NULL or self.c.meta == NULL:
             raise MemoryError()
         for i in range(len(ptrs)):
-            self._ptrs[i] = <void *><intptr_t>ptrs[i]
+            self.c.ptrs[i] = <void *><intptr_t>ptrs[i]
         for i in range(len(meta)):
-            self._meta[i] = meta[i]
-        self._kernel = <kernel_t>address
+            self.c.meta[i] = meta[i]
+        self.c.kernel = <kernel_t>address
         self._keepalive = keepalive
-
-    cdef inline bint _claim(self, int64_t *lo, int64_t *hi) noexcept nogil:
-        cdef int64_t start = cm_load(&self.st.next)
-        cdef int64_t size, rem
-        while True:
-            rem = self.n - start
-            if rem <= 0:
-                return False
-            if self.schedule == 2:
-                size = (rem + 2 * self.workers - 1) // (2 * self.workers)
-                if size < self.st.floor:
-                    size = self.st.floor
-            else:
-                size = self.chunk
-            if size > self.st.cap:
-                size = self.st.cap
-            if size > rem:
-                size = rem
-            if cm_cas(&self.st.next, &start, start + size):
-                lo[0] = start
-                hi[0] = start + size
-                return True
-            # start now holds the value another thread stored; retry
-
-    cdef inline bint _observe(self, int64_t count, int64_t ns) noexcept nogil:
-        """Learn the cost per element from a timed chunk; True if helpers are due."""
-        cdef double per
-        cdef int64_t cap
-        if count <= 0:
-            return False
-        per = <double>ns / count
-        self.st.ns_per_element = per
-        if self.target_ns > 0:
-            cap = self.max_chunk if per <= 0 else <int64_t>(self.target_ns / per)
-            if cap < 1:
-                cap = 1
-            if cap > self.max_chunk:
-                cap = self.max_chunk
-            cm_store(&self.st.cap, cap)
-            if self.floor_ns > 0 and per > 0:
-                # The guided tail shrinks no further than floor_ns of work: short
-                # enough to balance uneven work, long enough to keep a memory-bound
-                # kernel streaming (benchmarks: W1 into out= lost ~25% to 1,024-element
-                # tail chunks; W3 sorted needs a fine tail).
-                cap = <int64_t>(self.floor_ns / per)
-                if cap < self.chunk:
-                    cap = self.chunk
-                if cap > self.max_chunk:
-                    cap = self.max_chunk
-                cm_store(&self.st.floor, cap)
-        if cm_load(&self.st.escalate_pending):
-            if (self.n - cm_load(&self.st.next)) * per > self.escalate_ns:
-                cm_store(&self.st.escalate_pending, 0)
-                return True
-        return False
-
-    cdef inline void _record_failure(self, int64_t lo, int64_t hi) noexcept nogil:
-        cdef int64_t expected = -1
-        if cm_cas(&self.st.err_lo, &expected, lo):
-            cm_store(&self.st.err_hi, hi)
-        cm_store(&self.st.cancel, 1)
 
     # -- used by every engine -------------------------------------------------
     def enter(self):
         """Count the calling thread in; returns False if the job is over."""
-        cm_fetch_add(&self.st.active, 1)
-        if cm_load(&self.st.cancel) or cm_load(&self.st.next) >= self.n:
+        cm_fetch_add(&self.c.st.active, 1)
+        if cm_load(&self.c.st.cancel) or cm_load(&self.c.st.next) >= self.c.n:
             self.leave()
             return False
         return True
 
     def leave(self):
         """Count the calling thread out; wake the waiter if the job is over."""
-        cm_fetch_add(&self.st.active, -1)
+        cm_fetch_add(&self.c.st.active, -1)
         if self.finished and self.event is not None:
             self.event.set()
 
     def claim(self):
         """Claim the next chunk: ``(lo, hi)``, or ``None`` when there is none."""
         cdef int64_t lo, hi
-        if cm_load(&self.st.cancel):
+        if cm_load(&self.c.st.cancel):
             return None
-        if self._claim(&lo, &hi):
-            if self.slot != NULL:
-                cm_store(&self.slot[1], hi)
-                cm_store(&self.slot[0], lo)
+        if ctx_claim(&self.c, &lo, &hi):
+            if self.c.slot != NULL:
+                cm_store(&self.c.slot[1], hi)
+                cm_store(&self.c.slot[0], lo)
             return (lo, hi)
         return None
 
@@ -243,107 +407,195 @@ cdef class Job:
         The process engine points this into shared memory, so the parent can
         name the chunk a worker was computing when it died.
         """
-        self.slot = <int64_t *>address
+        self.c.slot = <int64_t *>address
 
     def complete(self, int64_t lo, int64_t hi, int64_t ns=0):
-        """Count ``[lo, hi)`` as done; ``ns``, its duration, tunes chunk sizes."""
-        cm_fetch_add(&self.st.done, hi - lo)
-        if self.slot != NULL:
-            cm_store(&self.slot[0], -1)
-        if ns > 0 and self._observe(hi - lo, ns):
-            self.on_escalate()
+        """Count ``[lo, hi)`` as done; ``ns``, its duration, tunes chunk sizes.
+
+        The next chunks are at most twice as long as this one, so a cost that
+        rises along the array cannot stretch one chunk far beyond ``target_ns``.
+        """
+        cm_fetch_add(&self.c.st.done, hi - lo)
+        if self.c.slot != NULL:
+            cm_store(&self.c.slot[0], -1)
+        if ns > 0 and ctx_observe(&self.c, hi - lo, ns, 2 * (hi - lo)):
+            if self.on_escalate is not None:
+                self.on_escalate()
 
     def arm_escalation(self, callback):
         """Call ``callback`` once, from the caller, when helpers are worth waking."""
         self.on_escalate = callback
-        cm_store(&self.st.escalate_pending, 1 if callback is not None else 0)
+        cm_store(&self.c.st.escalate_pending, 1 if callback is not None else 0)
+
+    @property
+    def helped(self):
+        """Elements computed by native pool workers (the rest: by the caller)."""
+        return cm_load(&self.c.helped)
 
     @property
     def ns_per_element(self):
-        return self.st.ns_per_element
+        return self.c.st.ns_per_element
 
     def fail(self, int64_t lo, int64_t hi):
-        self._record_failure(lo, hi)
+        ctx_fail(&self.c, lo, hi)
 
     def cancel(self):
-        cm_store(&self.st.cancel, 1)
+        cm_store(&self.c.st.cancel, 1)
 
     @property
     def done(self):
-        return cm_load(&self.st.done)
+        return cm_load(&self.c.st.done)
 
     @property
     def cancelled(self):
-        return cm_load(&self.st.cancel) != 0
+        return cm_load(&self.c.st.cancel) != 0
 
     @property
     def active(self):
-        return cm_load(&self.st.active)
+        return cm_load(&self.c.st.active)
 
     @property
     def finished(self):
         """All elements computed, or cancelled with nobody left inside."""
-        return (cm_load(&self.st.done) == self.n
-                or (cm_load(&self.st.cancel) != 0 and cm_load(&self.st.active) == 0))
+        return (cm_load(&self.c.st.done) == self.c.n
+                or (cm_load(&self.c.st.cancel) != 0 and cm_load(&self.c.st.active) == 0))
 
     @property
     def failed_chunk(self):
         """``(lo, hi)`` of the first chunk whose kernel failed, or ``None``."""
-        cdef int64_t lo = cm_load(&self.st.err_lo)
+        cdef int64_t lo = cm_load(&self.c.st.err_lo)
         if lo < 0:
             return None
-        return (lo, cm_load(&self.st.err_hi))
+        return (lo, cm_load(&self.c.st.err_hi))
 
-    def run_native(self, bint check_signals=False):
+    cdef object _attend(self, bint check_signals):
+        """With the GIL, between pieces: pending signals, then the monitor.
+
+        Returns the exception that stops the call (the job is cancelled), or None.
+        """
+        try:
+            if check_signals:
+                PyErr_CheckSignals()
+            if self.monitor is not None:
+                self.monitor()
+        except BaseException as exc:
+            cm_store(&self.c.st.cancel, 1)
+            return exc
+        return None
+
+    def run_native(self, bint check_signals=False, int64_t helpers=0, int64_t poll_ns=100_000_000):
         """Claim and run chunks with the native kernel, without the GIL.
 
-        With ``check_signals`` (only in the main thread), pending signals are
-        handled between chunks, so Ctrl-C stops the call after one chunk.
+        With ``helpers`` > 0, up to that many native pool workers join: at once
+        for an untimed job, else once the remaining work is worth waking them.
+        Before returning or raising, the caller waits until none of them is
+        inside the job. Every ``poll_ns``, between pieces, the caller handles
+        pending signals (with ``check_signals``: only in the main thread) and
+        calls ``monitor``; an exception from either cancels the job and is
+        raised once the helpers have left.
         """
-        cdef int64_t lo, hi, t0
-        cdef bint stop = False
-        cdef bint wake
+        cdef int64_t lo, hi, pos, until, last = 0
+        cdef double per = self.c.st.ns_per_element
+        cdef bint attend = check_signals or self.monitor is not None
         cdef object pending = None
-        if self._kernel == NULL:
+        cdef object extra
+        if self.c.kernel == NULL:
             raise RuntimeError("Job has no native kernel")
         if not self.enter():
             return
+        self.c.helpers = helpers
+        if helpers > 0:
+            if self.c.target_ns == 0:  # untimed: every worker from the start
+                with nogil:
+                    cm_pool_post(&self.c.hdr, min(helpers, cm_pool_ensure(helpers)))
+            else:
+                # Worth waking helpers once the work left exceeds twice their
+                # measured wake-up time, never later than the Python pool would.
+                self.c.escalate_ns = min(self.c.escalate_ns,
+                                         max(2 * cm_pool_wake_ns(), MIN_ESCALATE_NS))
+                cm_store(&self.c.st.escalate_pending, 1)
+        until = now_ns() + poll_ns if attend else NEVER
         try:
             with nogil:
-                while not stop and cm_load(&self.st.cancel) == 0:
-                    if not self._claim(&lo, &hi):
+                while pending is None and cm_load(&self.c.st.cancel) == 0:
+                    if not ctx_claim(&self.c, &lo, &hi):
                         break
-                    t0 = now_ns()
-                    if self.slot != NULL:
-                        cm_store(&self.slot[1], hi)
-                        cm_store(&self.slot[0], lo)
-                    if self._kernel(self._ptrs, self._meta, lo, hi) == 0:
-                        self._record_failure(lo, hi)
+                    if self.c.slot != NULL:
+                        cm_store(&self.c.slot[1], hi)
+                        cm_store(&self.c.slot[0], lo)
+                    pos = lo
+                    while pos < hi and pending is None:
+                        pos = ctx_pieces(&self.c, pos, hi, until, &per, &last, True)
+                        if pos < 0 or cm_load(&self.c.st.cancel):
+                            break
+                        if now_ns() >= until:
+                            with gil:
+                                pending = self._attend(check_signals)
+                            until = now_ns() + poll_ns
+                    if pos < 0:
                         break
-                    cm_fetch_add(&self.st.done, hi - lo)
-                    if self.slot != NULL:
-                        cm_store(&self.slot[0], -1)
-                    wake = self._observe(hi - lo, now_ns() - t0)
-                    if wake:
-                        with gil:
-                            try:
-                                self.on_escalate()
-                            except BaseException as exc:
-                                pending = exc
-                                stop = True
-                                cm_store(&self.st.cancel, 1)
-                    if check_signals:
-                        with gil:
-                            try:
-                                PyErr_CheckSignals()
-                            except BaseException as exc:
-                                pending = exc
-                                stop = True
-                                cm_store(&self.st.cancel, 1)
+                    if self.c.slot != NULL:
+                        cm_store(&self.c.slot[0], -1)
         finally:
+            extra = self._retire(check_signals, poll_ns)
             self.leave()
+        if pending is None:
+            pending = extra
         if pending is not None:
             raise pending
+
+    cdef object _retire(self, bint check_signals, int64_t poll_ns):
+        """Unlink the job from the pool and wait until no helper is inside."""
+        cdef object pending = None
+        cdef object exc
+        cdef bint idle = False
+        if self.c.helpers == 0:
+            return None
+        cm_pool_unlink(&self.c.hdr)
+        while True:
+            with nogil:
+                idle = cm_pool_wait_idle(&self.c.hdr, poll_ns)
+            if idle:
+                return pending
+            try:
+                exc = self._attend(check_signals)
+            except BaseException as e:
+                exc = e
+            if exc is not None:
+                if pending is not None:
+                    # A second interrupt while helpers finish their piece: give up
+                    # waiting, and keep the job (and its buffers) alive for them.
+                    _abandoned.append(self)
+                    return exc
+                pending = exc
+
+
+def pool_size():
+    """Native pool workers started in this process."""
+    return cm_pool_size()
+
+
+def pool_wake_ns():
+    """Moving estimate of the time from a post to the first helper inside the job (ns)."""
+    return cm_pool_wake_ns()
+
+
+def in_pool_worker():
+    """True in a native pool worker (reached only through a kernel's error report)."""
+    return cm_pool_in_worker()
+
+
+def pool_ensure(int64_t n):
+    """Start native pool workers until there are ``n``; returns how many there are."""
+    with nogil:
+        n = cm_pool_ensure(n)
+    return n
+
+
+def pool_shutdown():
+    """Stop and join the native pool workers (started again on the next call)."""
+    with nogil:
+        cm_pool_shutdown()
 
 
 def run_inline(intptr_t address, ptrs, meta, int64_t lo, int64_t hi):
