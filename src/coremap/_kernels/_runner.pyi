@@ -3,6 +3,7 @@ from collections.abc import Callable
 from threading import Event
 
 SCHEDULES: dict[str, int]
+POOL_MAX: int  # most native pool workers (CM_POOL_MAX)
 STATE_BYTES: int  # sizeof(JobState): the shared part of a Job
 
 class Job:
@@ -16,6 +17,7 @@ class Job:
     floor_ns: int  # int64_t
     event: Event | None
     on_escalate: Callable[[], None] | None
+    monitor: Callable[[], None] | None  # called by the caller between pieces/chunks
     def __init__(
         self,
         n: int,
@@ -35,6 +37,8 @@ class Job:
     def arm_escalation(self, callback: Callable[[], None] | None) -> None: ...
     @property
     def ns_per_element(self) -> float: ...  # double
+    @property
+    def helped(self) -> int: ...  # elements computed by native pool workers
     # address: kernel_t; ptrs: void*[]; meta: int64_t[]
     def set_kernel(
         self, address: int, ptrs: list[int], meta: list[int], keepalive: object
@@ -55,7 +59,16 @@ class Job:
     def finished(self) -> bool: ...
     @property
     def failed_chunk(self) -> tuple[int, int] | None: ...
-    def run_native(self, check_signals: bool = ...) -> None: ...
+    def run_native(
+        self, check_signals: bool = ..., helpers: int = ..., poll_ns: int = ...
+    ) -> None: ...
+
+# the native pool (_pool.h)
+def pool_size() -> int: ...
+def pool_wake_ns() -> int: ...  # moving estimate: post -> first helper inside
+def pool_ensure(n: int) -> int: ...
+def pool_shutdown() -> None: ...
+def in_pool_worker() -> bool: ...
 
 # returns the kernel's int64_t status: 1 ok, 0 the element function raised
 def run_inline(address: int, ptrs: list[int], meta: list[int], lo: int, hi: int) -> int: ...
