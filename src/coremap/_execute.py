@@ -114,7 +114,7 @@ def execute(plan, progress: bool = False) -> np.ndarray:
     if plan.adapter is not None and plan.size:
         from coremap.engines import _cluster
 
-        return _cluster.execute(plan, plan.adapter, plan.retries)
+        return _cluster.execute(plan, plan.adapter, plan.retries, run_cluster_chunk)
     if plan.engine == "processes" and plan.size:
         return _execute_processes(plan, progress)
     if plan.out_dtype is None:
@@ -156,6 +156,28 @@ def execute(plan, progress: bool = False) -> np.ndarray:
     if target is not out:
         np.copyto(out, target, casting="same_kind")
     return out
+
+
+# On a cluster engine: function bytes digest -> function, so Numba's cache (keyed by
+# the function object) is hit by every later chunk of the same function.
+_CLUSTER_FUNCS: dict = {}
+
+
+def run_cluster_chunk(func_bytes: bytes, key: str, kind: str, args: list, out_dtype):
+    """Runs on a cluster engine: one chunk through the serial engine."""
+    import cloudpickle
+
+    from coremap._plan import plan_call
+
+    func = _CLUSTER_FUNCS.get(key)
+    if func is None:
+        func = cloudpickle.loads(func_bytes)
+        if len(_CLUSTER_FUNCS) > 64:
+            _CLUSTER_FUNCS.clear()
+        _CLUSTER_FUNCS[key] = func
+    arrays = tuple(args) if len(args) > 1 else args[0]
+    return execute(plan_call(arrays, func, vectorized=kind == "vectorized", dtype=out_dtype,
+                             backend="serial"))
 
 
 def _progress_bar(plan, progress: bool):

@@ -33,26 +33,6 @@ from coremap._errors import CoremapWarning, WorkerCrashedError
 INSTALL = 'pip install "coremap[cluster]"'
 CHUNKS_PER_ENGINE = 4
 
-_FUNCS: dict = {}  # on an engine: function bytes digest -> function (Numba caches by identity)
-
-
-def run_chunk(func_bytes: bytes, key: str, kind: str, args: list, out_dtype):
-    """Runs on an engine: one chunk through the serial engine."""
-    import cloudpickle
-
-    import coremap as cm
-
-    func = _FUNCS.get(key)
-    if func is None:
-        func = cloudpickle.loads(func_bytes)
-        if len(_FUNCS) > 64:
-            _FUNCS.clear()
-        _FUNCS[key] = func
-    arrays = tuple(args) if len(args) > 1 else args[0]
-    return cm.parallel_map(arrays, func, vectorized=kind == "vectorized", dtype=out_dtype,
-                           backend="serial")
-
-
 @functools.lru_cache(maxsize=1)
 def _installed_packages() -> frozenset:
     import importlib.metadata
@@ -232,8 +212,12 @@ def adapter_for(backend) -> _Adapter:
 
 # -- running a plan ------------------------------------------------------------------------
 
-def execute(plan, adapter: _Adapter, retries: int = 0) -> np.ndarray:
-    """Run ``plan`` on a cluster: chunks out, results into ``out`` in order."""
+def execute(plan, adapter: _Adapter, retries: int, run_chunk) -> np.ndarray:
+    """Run ``plan`` on a cluster: chunks out, results into ``out`` in order.
+
+    ``run_chunk(func_bytes, key, kind, args, out_dtype)`` is what each engine runs
+    on a chunk (the planner passes its own: an engine never imports the front end).
+    """
     from coremap import _layout
 
     func_bytes = pickle_function(plan.func)
