@@ -1,0 +1,238 @@
+"""The native worker pool (_kernels/_pool.h): GIL-free helpers, lifecycle, concurrency."""
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+from helpers import same_bits
+
+import coremap as cm
+from coremap._kernels import _builtin, _runner
+from coremap.engines import thread_engine
+
+
+def spin(v):
+    s = v
+    for _ in range(200):
+        s = s * 0.999 + 0.001
+    return s
+
+
+def affine_job(x, out, workers, schedule="dynamic", chunk=10_000, **kw):
+    """A runner job computing ``out = 2 x + 1`` with the built-in kernel (1-D, contiguous)."""
+    a, b = np.array([2.0]), np.array([1.0])
+    job = _runner.Job(x.size, workers, schedule, chunk, 1 << 20, **kw)
+    meta = [x.size, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    job.set_kernel(_builtin.affine_address("d"), _runner.data_pointers((x, a, b, out)), meta,
+                   (x, a, b, out))
+    return job
+
+
+def run_script(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_helpers_compute_without_python_threads():
+    """Pool workers join the job and are not Python threads (they have no thread state)."""
+    x = np.random.default_rng(0).random(20_000_000)
+    out = np.empty_like(x)
+    frames = len(sys._current_frames())
+    job = affine_job(x, out, workers=3)  # untimed: helpers are posted at once
+    job.run_native(helpers=2)
+    np.testing.assert_array_equal(out, 2.0 * x + 1.0)
+    assert job.done == x.size and job.helped > 0
+    assert _runner.pool_size() >= 2
+    assert len(sys._current_frames()) == frames  # no Python thread state was created
+
+
+def test_caller_finishes_alone_when_no_helper_arrives():
+    """With every worker stopped, a job still completes in the calling thread."""
+    _runner.pool_shutdown()
+    x = np.arange(100_000.0)
+    out = np.empty_like(x)
+    job = affine_job(x, out, workers=4)
+    job.run_native(helpers=0)
+    np.testing.assert_array_equal(out, 2.0 * x + 1.0)
+    assert job.helped == 0
+
+
+def test_cancel_stops_helpers_before_run_native_returns():
+    """A cancelled job: when the caller returns, no helper is inside any more."""
+
+    def cancel_soon(job):
+        job.cancel()
+
+    x = np.random.default_rng(0).random(30_000_000)
+    out = np.zeros_like(x)
+    job = affine_job(x, out, workers=3)
+    job.monitor = lambda: cancel_soon(job)
+    job.run_native(helpers=2, poll_ns=1_000_000)
+    assert job.cancelled
+    snapshot = out.copy()
+    threading.Event().wait(0.2)
+    assert same_bits(out, snapshot)
+
+
+@pytest.mark.parametrize("schedule", ["guided", "dynamic", "static"])
+def test_workers_above_core_count(schedule):
+    workers = 4 * cm._config.usable_cores() + 1
+    x = np.random.default_rng(1).random(300_000)
+    want = cm.parallel_map(x, spin, backend="serial")
+    got = cm.parallel_map(x, spin, workers=workers, schedule=schedule, backend="threads")
+    assert same_bits(got, want)
+
+
+@pytest.mark.timeout(120)
+def test_eight_threads_with_random_sizes():
+    rng = np.random.default_rng(7)
+    cases = [(int(rng.integers(0, 400_000)), int(rng.integers(1, 6)),
+              ["guided", "dynamic", "static"][int(rng.integers(0, 3))]) for _ in range(40)]
+    xs = {n: np.random.default_rng(n).random(n) for n, _, _ in cases}
+
+    def one(case):
+        n, workers, schedule = case
+        got = cm.parallel_map(xs[n], spin, workers=workers, schedule=schedule,
+                              backend="threads")
+        return same_bits(got, cm.parallel_map(xs[n], spin, backend="serial"))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        assert all(ex.map(one, cases))
+
+
+def test_engine_size_counts_native_workers():
+    thread_engine().shutdown()
+    assert thread_engine().size == 0
+    x = np.random.default_rng(0).random(2_000_000)
+    cm.parallel_map(x, spin, workers=2)
+    assert thread_engine().size >= 1  # a native worker was started for the big call
+
+
+@pytest.mark.timeout(120)
+def test_idle_workers_burn_no_cpu():
+    res = run_script("""
+        import time
+        import numpy as np
+        import coremap as cm
+        from coremap._kernels import _runner
+
+        def spin(v):
+            s = v
+            for _ in range(200):
+                s = s * 0.999 + 0.001
+            return s
+
+        x = np.random.default_rng(0).random(1_000_000)
+        cm.parallel_map(x, spin, workers=8)
+        assert _runner.pool_size() >= 1
+        time.sleep(0.2)
+        t = time.process_time()
+        time.sleep(2.0)
+        print(f"{time.process_time() - t:.4f}")
+    """)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout) < 0.05
+
+
+FORK_SCRIPT = """
+    import multiprocessing
+    import os
+    import sys
+    import time
+    import numpy as np
+    import coremap as cm
+    from coremap._kernels import _runner
+
+    def spin(v):
+        s = v
+        for _ in range(200):
+            s = s * 0.999 + 0.001
+        return s
+
+    x = np.random.default_rng(0).random(1_000_000)
+    want = cm.parallel_map(x, spin, backend="serial")
+
+    def child():
+        got = cm.parallel_map(x, spin, workers=3)
+        vec = cm.parallel_map(x, np.sqrt, workers=3)
+        ok = np.array_equal(got, want) and np.array_equal(vec, np.sqrt(x))
+        return 0 if ok else 1
+
+    assert np.array_equal(cm.parallel_map(x, spin, workers=3), want)
+    assert _runner.pool_size() >= 1
+    if sys.argv[1] == "os.fork":
+        pid = os.fork()
+        if pid == 0:
+            os._exit(child())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            sys.exit("the forked child hung")
+        assert os.waitstatus_to_exitcode(status) == 0, status
+    else:
+        def target(q):
+            q.put(child())
+
+        ctx = multiprocessing.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=target, args=(q,))
+        p.start()
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+            sys.exit("the fork-context child hung")
+        assert p.exitcode == 0 and q.get(timeout=5) == 0
+    assert np.array_equal(cm.parallel_map(x, spin, workers=3), want)  # the parent still works
+    print("ok")
+"""
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing"])
+def test_forked_child_rebuilds_the_pool(how):
+    res = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c",
+                          textwrap.dedent(FORK_SCRIPT), how],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "ok"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("busy", [False, True])
+def test_interpreter_exit_with_pool_workers(busy):
+    """Exit with parked workers, or while a daemon thread keeps calling: no hang, no crash."""
+    res = run_script(f"""
+        import threading, time
+        import numpy as np
+        import coremap as cm
+
+        def spin(v):
+            s = v
+            for _ in range(200):
+                s = s * 0.999 + 0.001
+            return s
+
+        x = np.random.default_rng(0).random(1_000_000)
+        cm.parallel_map(x, spin, workers=4)
+
+        def loop():
+            while True:
+                cm.parallel_map(x, spin, workers=4)
+
+        if {busy}:
+            threading.Thread(target=loop, daemon=True).start()
+            time.sleep(0.3)
+        print("exiting", flush=True)
+    """, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "exiting"
