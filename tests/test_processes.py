@@ -568,3 +568,225 @@ def test_worker_gone_before_send_is_worker_crashed(engine, monkeypatch):
     monkeypatch.undo()
     np.testing.assert_array_equal(cm.parallel_map(x, dec2, backend="processes", workers=2),
                                   2 * x)
+
+
+# -- stopped workers, killed parents, forked children, nested pools, leaks ----------------
+
+def test_stopped_worker_is_a_crash_and_replaced(engine):
+    """Item 9: a SIGSTOPped worker would hang the call (as in multiprocessing and loky)."""
+    from coremap.engines._processes import STOPPED_GRACE
+
+    x = np.arange(4000.0)
+    cm.parallel_map(x, dec2, backend="processes", workers=2)
+    victim = engine.pids()[1]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        t = time.perf_counter()
+        with pytest.raises(cm.WorkerCrashedError, match="stopped") as info:
+            cm.parallel_map(x, dec2, backend="processes", workers=2)
+        assert time.perf_counter() - t < STOPPED_GRACE + 5.0
+        assert info.value.pid == victim
+        assert _wait_gone([victim], 5.0)
+    finally:
+        if _alive(victim):
+            os.kill(victim, signal.SIGKILL)
+    np.testing.assert_array_equal(cm.parallel_map(x, dec2, backend="processes", workers=2),
+                                  2 * x)
+    assert victim not in engine.pids()
+
+
+def test_briefly_stopped_worker_is_kept(engine):
+    """A stop shorter than the grace (a Ctrl-Z then fg) is not a crash."""
+    x = np.arange(4000.0)
+    cm.parallel_map(x, dec2, backend="processes", workers=2)
+    victim = engine.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    import threading
+
+    resume = threading.Timer(0.8, os.kill, (victim, signal.SIGCONT))
+    resume.start()
+    try:
+        got = cm.parallel_map(x, dec2, backend="processes", workers=2)
+    finally:
+        resume.join(5)
+        os.kill(victim, signal.SIGCONT)
+    np.testing.assert_array_equal(got, 2 * x)
+    assert victim in engine.pids()
+
+
+KILLED_PARENT = textwrap.dedent(
+    """
+    import decimal, sys, time
+    import numpy as np
+    import coremap as cm
+    from coremap.engines._processes import process_engine
+
+    def slow(v):
+        time.sleep(0.002)
+        return float(decimal.Decimal(v))
+
+    kept = cm.SharedArray.zeros(1000)  # the user's own segment, never passed to a call
+    cm.parallel_map(np.arange(10.0), slow, backend="processes", workers=2)
+    print("pids", *process_engine().pids(), flush=True)
+    if sys.argv[1] == "busy":
+        cm.parallel_map(np.arange(200_000.0), slow, backend="processes", workers=2)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["idle", "busy"])
+def test_parent_killed_leaves_no_segment(tmp_path, mode):
+    """Item 13: the workers, which outlive a SIGKILLed parent briefly, unlink its segments."""
+    script = tmp_path / "parent.py"
+    script.write_text(KILLED_PARENT)
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line and line[0] == "pids", line
+        pids = [int(p) for p in line[1:]]
+        end = time.monotonic() + 10
+        want = 2 if mode == "busy" else 1  # the call's segments, and the user's array
+        while len(_segments(proc.pid)) < want and time.monotonic() < end:
+            time.sleep(0.05)
+        assert len(_segments(proc.pid)) >= want
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert _wait_gone(pids, 3.0)
+    end = time.monotonic() + 2.0
+    while _segments(proc.pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert _segments(proc.pid) == set()
+
+
+FORKING_PARENT = textwrap.dedent(
+    """
+    import decimal, os, sys, time
+    import numpy as np
+    import coremap as cm
+
+    def dec2(v):
+        return float(decimal.Decimal(v) * 2)
+
+    x = np.arange(3000.0)
+    cm.parallel_map(x, dec2, backend="processes", workers=2)
+    pool = cm.Pool(2)
+    assert pool.map(abs, [-1, -2]) == [1, 2]
+    from coremap.engines._processes import process_engine
+
+    def workers():
+        return process_engine().pids() + [w.process.pid for w in pool._workers]
+
+    before = workers()
+    a = cm.SharedArray.from_array(x)
+    for _ in range(10):
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)  # a normal exit: atexit handlers and finalizers run here
+        assert os.waitpid(pid, 0)[1] == 0
+    time.sleep(0.5)
+    print("same workers", workers() == before, flush=True)
+    errors = 0
+    for _ in range(5):
+        try:
+            ok = (cm.parallel_map(x, dec2, backend="processes", workers=2) == 2 * x).all()
+            ok = ok and pool.map(abs, range(-50, 0)) == list(range(50, 0, -1))
+            ok = ok and a.name in os.listdir("/dev/shm")
+        except Exception as exc:
+            print(type(exc).__name__, exc, flush=True)
+            errors += 1
+            continue
+        assert ok
+    pool.terminate()
+    a.unlink()
+    print("errors", errors, flush=True)
+    """
+)
+
+
+def test_forked_child_exit_leaves_the_parent_working(tmp_path):
+    """Item 16: a forked child's exit must not stop its parent's workers or segments."""
+    script = tmp_path / "forks.py"
+    script.write_text(FORKING_PARENT)
+    out = subprocess.run([sys.executable, "-W", "ignore", str(script)], capture_output=True,
+                         text=True, timeout=50)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "same workers True" in out.stdout and "errors 0" in out.stdout, out.stdout
+
+
+def _nested_engine_size(_=None):
+    """Run a nested parallel_map of a function Numba cannot compile; return how many
+    processes this process's engine started for it."""
+    import warnings
+
+    from coremap.engines import _processes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = cm.parallel_map(np.arange(300_000.0), dec2, workers=2)
+    assert got[-1] == 2 * 299_999.0
+    return 0 if _processes._engine is None else _processes._engine.size
+
+
+def _nested_in_thread(_=None):
+    import threading
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(_nested_engine_size()))
+    t.start()
+    t.join(50)
+    return out[0]
+
+
+@pytest.mark.timeout(120)
+def test_nested_calls_start_no_grandchildren():
+    """Item 14: inside a Pool task, a thread of it, or an engine worker: serial."""
+    with cm.Pool(1) as pool:
+        assert pool.apply(_nested_engine_size) == 0
+        assert pool.apply(_nested_in_thread) == 0
+
+    def inner(c):
+        return np.full(len(c), float(_nested_engine_size()))
+
+    got = cm.parallel_map(np.arange(4.0), inner, vectorized=True, backend="processes",
+                          workers=1)
+    assert (got == 0).all()
+
+
+def test_uncompilable_calls_keep_no_results_alive():
+    """Item 11: the cached 'Numba cannot compile' verdict must not hold past calls' frames."""
+    import gc
+    import weakref
+
+    x = np.arange(100.0)
+    refs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(5):
+            res = cm.parallel_map(x, dec2, backend="serial")
+            refs.append(weakref.ref(res))
+            del res
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+
+
+def test_cached_not_compilable_verdict_is_a_fresh_exception():
+    """Item 11: the verdict is cached, never the exception object (its traceback grows)."""
+    from coremap._kernels import _numba
+
+    def depth(exc):
+        n, tb = 0, exc.__traceback__
+        while tb is not None:
+            n, tb = n + 1, tb.tb_next
+        return n
+
+    seen = []
+    for _ in range(3):
+        with pytest.raises(_numba.NotCompilable) as info:
+            _numba.resolve(dec2, (np.dtype(np.float64),))
+        seen.append(info.value)
+    assert seen[0] is not seen[1] and seen[1] is not seen[2]
+    assert str(seen[1]) == str(seen[2]) and depth(seen[1]) == depth(seen[2])

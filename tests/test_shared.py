@@ -15,7 +15,8 @@ from coremap import _shm
 
 
 def _segments():
-    return set(_shm.list_segments())
+    # this process's segments: coremap processes running beside the suite have their own
+    return {n for n in _shm.list_segments() if _shm.creator_pid(n) == os.getpid()}
 
 
 def test_create_attach_and_write_through():
@@ -97,14 +98,15 @@ def test_mode_0600_even_with_umask_000():
 
 
 def test_precreated_name_is_never_attached(monkeypatch):
-    planted = f"coremap_{os.getpid()}_{'0' * 16}"
+    tag = _shm.namespace_tag()
+    planted = f"coremap_{os.getpid()}_{tag}_{'a' * 9}"
     fd = os.open(f"/dev/shm/{planted}", os.O_CREAT | os.O_RDWR, 0o644)
     os.close(fd)
-    tokens = iter(["0" * 16, "1" * 16])
-    monkeypatch.setattr(_shm.secrets, "token_hex", lambda n: next(tokens))
+    tokens = iter(["a" * 9, "b" * 9])
+    monkeypatch.setattr(_shm, "_random_part", lambda: next(tokens))
     try:
         a = cm.SharedArray.zeros(10)
-        assert a.name == f"coremap_{os.getpid()}_{'1' * 16}"
+        assert a.name == f"coremap_{os.getpid()}_{tag}_{'b' * 9}"
         assert os.path.getsize(f"/dev/shm/{planted}") == 0  # untouched
         a.unlink()
     finally:
@@ -190,14 +192,130 @@ def _dead_pid():
     return p.pid
 
 
+def _plant(name):
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    os.close(fd)
+    return name
+
+
+def _stale_name(pid, tag=None):
+    return f"coremap_{pid}_{tag or _shm.namespace_tag()}_{_shm._random_part()}"
+
+
 def test_cleanup_stale_removes_only_dead_owners():
     dead = _dead_pid()
-    stale = f"coremap_{dead}_{'a' * 16}"
-    fd = os.open(f"/dev/shm/{stale}", os.O_CREAT | os.O_RDWR, 0o600)
-    os.close(fd)
+    stale = _plant(_stale_name(dead))
     live = cm.SharedArray.zeros(10)
     removed = cm.cleanup_stale()
     assert stale in removed
     assert live.name in _segments()
     assert not os.path.exists(f"/dev/shm/{stale}")
     live.unlink()
+
+
+@pytest.mark.parametrize("pid", [1, 4_194_303])  # pid_max is at most 2**22
+def test_names_fit_the_macos_limit(pid, monkeypatch):
+    """macOS refuses POSIX shared-memory names over 31 characters, "/" included."""
+    monkeypatch.setattr(_shm.os, "getpid", lambda: pid)
+    names = {_shm.new_name() for _ in range(200)}
+    assert len(names) == 200
+    for name in names:
+        assert len("/" + name) <= 31 and _shm.parse_name(name) == (pid, _shm.namespace_tag())
+    monkeypatch.undo()
+    a = cm.SharedArray.zeros(3)
+    assert len("/" + a.name) <= 31 and _shm.creator_pid(a.name) == os.getpid()
+    a.unlink()
+
+
+def test_cleanup_never_judges_another_namespace():
+    """A pid from another pid namespace (or boot) means nothing here: never cleaned."""
+    dead = _dead_pid()
+    ours = _shm.namespace_tag()
+    other = next(t for t in ("aaaa", "bbbb") if t != ours)
+    foreign = _plant(_stale_name(dead, other))
+    old_format = _plant(f"coremap_{dead}_{'c' * 16}")
+    try:
+        removed = cm.cleanup_stale()
+        assert foreign not in removed and old_format not in removed
+        assert os.path.exists(f"/dev/shm/{foreign}") and os.path.exists(f"/dev/shm/{old_format}")
+    finally:
+        os.unlink(f"/dev/shm/{foreign}")
+        os.unlink(f"/dev/shm/{old_format}")
+
+
+def test_cleanup_never_removes_a_held_segment():
+    """A live owner holds its segment's lock: even a pid that looks dead keeps it."""
+    import fcntl
+
+    stale = _plant(_stale_name(_dead_pid()))
+    fd = os.open(f"/dev/shm/{stale}", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # as the owner would, from another namespace
+        assert stale not in cm.cleanup_stale()
+        assert os.path.exists(f"/dev/shm/{stale}")
+    finally:
+        os.close(fd)
+    assert stale in cm.cleanup_stale()  # released: an orphan now
+
+
+def _unshare_works() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_live_segment_in_another_pid_namespace_survives(monkeypatch):
+    """Issue: a container with --ipc=host shares /dev/shm, not pids."""
+    import subprocess
+    import sys
+
+    if not _unshare_works():
+        pytest.skip("needs unshare --pid (root or user namespaces)")
+    code = ("import sys, coremap as cm; a = cm.SharedArray.zeros(10); "
+            "print(a.name, flush=True); sys.stdin.read(); a.unlink()")
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                             "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        name = proc.stdout.readline().strip()
+        assert name.startswith("coremap_"), name
+        # its pid means nothing here: say it looks dead, as it may
+        monkeypatch.setattr(_shm, "_pid_alive", lambda pid: False)
+        assert name not in cm.cleanup_stale()
+        assert name in _shm.list_segments()
+    finally:
+        proc.communicate("", timeout=30)
+    assert name not in _shm.list_segments()  # its owner unlinked it
+
+
+def test_unremovable_stale_segment_is_skipped(monkeypatch):
+    """Another user's stale segment (sticky /dev/shm: PermissionError) breaks nothing."""
+    stale = _plant(_stale_name(_dead_pid()))
+    path = f"/dev/shm/{stale}"
+
+    def refuse(target, *args, **kwargs):
+        if stale in str(target):
+            raise PermissionError(1, "Operation not permitted", target)
+        return real_unlink(target, *args, **kwargs)
+
+    real_unlink, real_shm_unlink = os.unlink, _shm._posixshmem.shm_unlink
+    monkeypatch.setattr(_shm.os, "unlink", refuse)
+    monkeypatch.setattr(_shm._posixshmem, "shm_unlink",
+                        lambda n: refuse(n) if stale in n else real_shm_unlink(n))
+    try:
+        assert stale not in cm.cleanup_stale()  # no PermissionError
+        from coremap.engines._processes import ProcessEngine
+
+        engine = ProcessEngine()  # a fresh engine cleans at its first start
+        try:
+            engine.prepare(1)
+        finally:
+            engine.shutdown()
+    finally:
+        monkeypatch.undo()
+        os.unlink(path)

@@ -387,7 +387,7 @@ def _choose_engine(kind, opts: _Options, adapter, size, func_name, numba_error):
         workers = adapter.engines()
         reasons.append(f"a {adapter.name} client was given: {workers} engine slots, "
                        "chunks balanced by its scheduler, each run with the serial engine")
-    elif _config.in_worker() and backend in ("processes", "threads"):
+    elif _config.in_worker() and backend in ("auto", "processes", "threads"):
         # nested inside a worker: bounded, never a pool of pools
         engine = "serial"
         reasons.append("called inside a worker process: runs serially (no nested pools)")

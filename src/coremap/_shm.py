@@ -9,19 +9,30 @@ then unlinks segments the parent still uses (gh-82300). Here:
   when its last Python reference goes, or at exit); attaching processes never
   register anything and never unlink;
 * a segment is created with ``O_CREAT | O_EXCL`` and mode 0600 (``fchmod`` after
-  creation, so the umask cannot widen it), under a name with 64 random bits:
-  ``coremap_<creator pid>_<16 hex digits>``; a name that exists is never reused;
+  creation, so the umask cannot widen it), under the name
+  ``coremap_<creator pid>_<namespace tag>_<random>`` (30 characters at most, within
+  macOS's 31 for ``/`` + name; 45 random bits); a name that exists is never reused;
 * its space is reserved with ``posix_fallocate`` before anyone touches it, so a
   full /dev/shm is an ``OSError`` at creation, never a SIGBUS later;
-* ``cleanup_stale()`` removes segments whose creator pid is dead, never one whose
-  creator lives.
+* the creator holds a shared ``flock`` on the segment while it has it mapped: the
+  lock is taken on the descriptor that ``mmap`` duplicates, so it costs no extra
+  descriptor and ends with the mapping, or when the creator dies;
+* ``cleanup_stale()`` removes a segment only when all of these hold: its
+  namespace tag is this process's (a hash of the boot id and the pid namespace:
+  a pid from another container sharing /dev/shm means nothing here), its
+  creator pid is dead, and its lock can be taken (nobody holds it). What cannot
+  be opened or removed (another user's file) is skipped: cleaning is best effort.
 
 A segment starts with a 64-byte header (the lock word of ``SharedArray.lock``);
 the data follows, 64-byte aligned.
 """
 from __future__ import annotations
 
+import base64
 import errno
+import fcntl
+import functools
+import hashlib
 import mmap
 import os
 import secrets
@@ -35,6 +46,9 @@ except ImportError:  # pragma: no cover - Windows
 PREFIX = "coremap_"
 HEADER = 64
 SHM_DIR = "/dev/shm"
+NAME_MAX = 30  # macOS: "/" + name within PSHMNAMLEN (31); Linux allows 255
+TAG_CHARS = 4  # base32: 20 bits of (boot id, pid namespace)
+RANDOM_CHARS = 9  # base32: 45 bits
 
 _attached: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -42,6 +56,52 @@ _attached: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 def _require_posix() -> None:
     if _posixshmem is None:  # pragma: no cover
         raise OSError("coremap's shared memory needs a POSIX system (Linux or macOS)")
+
+
+@functools.cache
+def namespace_tag() -> str:
+    """A short tag of this process's boot and pid namespace (where its pids mean something).
+
+    Processes that share /dev/shm but not a pid namespace (a container started
+    with ``--ipc=host``) get different tags, so neither judges the other's
+    segments by pid.
+    """
+    parts = []
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))  # "pid:[4026531836]"
+    except OSError:  # no /proc (macOS): no pid namespaces either
+        pass
+    digest = hashlib.blake2b("|".join(parts).encode(), digest_size=5).digest()
+    return base64.b32encode(digest).decode().lower()[:TAG_CHARS]
+
+
+def _random_part() -> str:
+    return base64.b32encode(secrets.token_bytes(6)).decode().lower()[:RANDOM_CHARS]
+
+
+def new_name() -> str:
+    """A fresh segment name for this process (see the module docstring)."""
+    name = f"{PREFIX}{os.getpid()}_{namespace_tag()}_{_random_part()}"
+    assert len(name) <= NAME_MAX, name  # pids have at most 7 digits (pid_max <= 2**22)
+    return name
+
+
+def parse_name(name: str) -> tuple[int, str] | None:
+    """``(creator pid, namespace tag)`` of a coremap segment name, or None."""
+    if not name.startswith(PREFIX):
+        return None
+    parts = name[len(PREFIX):].split("_")
+    if len(parts) != 3 or not parts[0].isdigit() or len(parts[1]) != TAG_CHARS:
+        return None
+    return int(parts[0]), parts[1]
+
+
+def creator_pid(name: str) -> int | None:
+    """The pid of the process that created segment ``name`` (None if not a coremap name)."""
+    parsed = parse_name(name)
+    return None if parsed is None else parsed[0]
 
 
 def _unlink_name(name: str, creator: int) -> None:
@@ -81,18 +141,20 @@ class Segment:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         total = HEADER + max(int(nbytes), 1)
         for _ in range(16):
-            name = f"{PREFIX}{os.getpid()}_{secrets.token_hex(8)}"
+            name = new_name()
             try:
                 fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             except FileExistsError:
                 continue  # taken (or planted): never attach to it, pick another name
-            break
-        else:  # pragma: no cover - 16 collisions of 64 random bits
+            if _hold(fd):
+                break
+            os.close(fd)  # a cleaner removed it before we locked it: take another name
+        else:  # pragma: no cover - 16 collisions of 45 random bits
             raise FileExistsError("could not find a free shared-memory name")
         try:
             os.fchmod(fd, 0o600)
             _reserve(fd, total)
-            mm = mmap.mmap(fd, total)
+            mm = mmap.mmap(fd, total)  # dups fd: the mapping keeps the lock
         except BaseException:
             os.close(fd)
             _posixshmem.shm_unlink("/" + name)
@@ -166,6 +228,15 @@ def _free_bytes() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def _hold(fd: int) -> bool:
+    """Take the owner's shared lock on a new segment; False if it was unlinked meanwhile."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:  # pragma: no cover - a filesystem without flock: pid checks only
+        return True
+    return os.fstat(fd).st_nlink > 0
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -176,14 +247,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def creator_pid(name: str) -> int | None:
-    """The pid of the process that created segment ``name`` (None if not a coremap name)."""
-    parts = name[len(PREFIX):].split("_") if name.startswith(PREFIX) else []
-    if len(parts) != 2 or not parts[0].isdigit():
-        return None
-    return int(parts[0])
-
-
 def list_segments() -> list[str]:
     """Names of the coremap segments in /dev/shm."""
     try:
@@ -192,27 +255,76 @@ def list_segments() -> list[str]:
         return []
 
 
+def _remove_if_unheld(name: str) -> bool:
+    """Unlink ``name`` if nobody holds its lock; False if held or not removable.
+
+    Opened with ``O_NONBLOCK | O_NOFOLLOW`` so a planted FIFO or symlink neither
+    blocks nor redirects us; the lock is taken on the very file the name holds.
+    """
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:  # another user's (PermissionError), gone, a symlink: not ours to clean
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its owner (or a forked child of it) holds it: alive
+        except OSError:  # pragma: no cover - no flock here: the pid check decided
+            pass
+        if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+            return False  # the name was replaced meanwhile
+        os.unlink(path)
+        return True
+    except OSError:  # PermissionError (sticky /dev/shm), FileNotFoundError: skip it
+        return False
+    finally:
+        os.close(fd)
+
+
+def clean(creators=None, exiting: bool = False) -> list[str]:
+    """Remove the stale segments of this namespace (of ``creators`` only, if given).
+
+    ``exiting``: this process is about to exit without running finalizers (a
+    worker whose parent died): its own names go too, held or not.
+    """
+    removed = []
+    tag = namespace_tag()
+    me = os.getpid()
+    for name in list_segments():
+        parsed = parse_name(name)
+        if parsed is None or parsed[1] != tag:
+            continue  # an older format, or another namespace: its pid means nothing here
+        pid = parsed[0]
+        if creators is not None and pid not in creators:
+            continue
+        if exiting and pid == me:
+            try:
+                _posixshmem.shm_unlink("/" + name)
+                removed.append(name)
+            except OSError:
+                pass
+            continue
+        if _pid_alive(pid):
+            continue
+        if _remove_if_unheld(name):
+            removed.append(name)
+    return removed
+
+
 def cleanup_stale() -> list[str]:
     """Remove segments left behind by dead processes; return their names.
 
-    A segment's creator pid is part of its name. Segments whose creator is alive
-    are never touched, whoever that creator is.
+    Only segments created in this boot and pid namespace are judged (their
+    creator pid is in the name, and means something here), and of those only
+    the ones whose creator is dead and whose lock nobody holds. Live owners'
+    segments are never touched, whoever and wherever they are; segments that
+    cannot be removed (another user's) are skipped.
 
     Examples
     --------
     >>> import coremap as cm
     >>> removed = cm.cleanup_stale()
     """
-    removed = []
-    for name in list_segments():
-        parts = name[len(PREFIX):].split("_")
-        if len(parts) != 2 or not parts[0].isdigit():
-            continue
-        if _pid_alive(int(parts[0])):
-            continue
-        try:
-            _posixshmem.shm_unlink("/" + name)
-            removed.append(name)
-        except FileNotFoundError:
-            pass
-    return removed
+    return clean()

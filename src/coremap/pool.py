@@ -50,6 +50,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
+import os
 import pickle
 import sys
 import threading
@@ -661,7 +662,8 @@ class Pool:
         self._handler = threading.Thread(target=_handle, args=(weakref.ref(self),),
                                          name="coremap-pool-handler", daemon=True)
         self._handler.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._wakeup_w)
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._wakeup_w,
+                                           os.getpid())
 
     # -- workers ----------------------------------------------------------------------
     def _start_worker(self) -> _Worker:
@@ -1272,8 +1274,13 @@ def _pipe() -> tuple[Connection, Connection]:
     return Pipe(duplex=False)
 
 
-def _shutdown(workers: list[_Worker], wakeup_w: Connection) -> None:
-    """Stop the workers (terminate, join, garbage collection and exit all end here)."""
+def _shutdown(workers: list[_Worker], wakeup_w: Connection, owner: int) -> None:
+    """Stop the workers (terminate, join, garbage collection and exit all end here).
+
+    Only in the process that started them: a forked child's exit runs this too.
+    """
+    if os.getpid() != owner:
+        return
     for w in list(workers):
         _send_quietly(w, STOP)
     end = time.monotonic() + 1.0

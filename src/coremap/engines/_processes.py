@@ -60,19 +60,26 @@ CTRL_STATE = 0
 CTRL_SLOTS = 128  # slots start here: 16 bytes (lo, hi) per worker
 STOP_GRACE = 1.0  # seconds a cancelled worker gets to finish its chunk
 POOL_BYTES = 1 << 30  # pooled segment bytes kept mapped between calls
+# A worker stopped (SIGSTOP, state T) this long makes no progress: it is reported
+# as crashed and replaced. Long enough for a job-control stop/continue round trip
+# (a user's Ctrl-Z then fg), short against the hang it replaces.
+STOPPED_GRACE = 3.0
 
 _engine = None
 _engine_lock = threading.Lock()
 
 
 def process_engine() -> ProcessEngine:
+    """This process's engine (a forked child gets its own: the parent's is not its)."""
     global _engine
-    if _engine is None:
+    engine = _engine
+    if engine is None or engine.owner != os.getpid():
         with _engine_lock:
-            if _engine is None:
+            if _engine is None or _engine.owner != os.getpid():
                 _engine = ProcessEngine()
                 atexit.register(_engine.shutdown)
-    return _engine
+            engine = _engine
+    return engine
 
 
 class _RemoteTraceback(Exception):
@@ -172,6 +179,38 @@ class _Process:
         if self.sentinel != self.conn.fileno():
             os.close(self.sentinel)
         self.conn.close()
+
+
+def _stopped(pid: int) -> bool:
+    """True if ``pid`` is in the stopped state (``T`` in /proc/<pid>/stat: SIGSTOP and
+    friends; not ``t``, a debugger's trace stop)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # gone, or no /proc (macOS): not known to be stopped
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] == b"T"
+
+
+class _StopWatch:
+    """Which workers have stayed stopped for ``STOPPED_GRACE`` seconds (checked twice a second)."""
+
+    def __init__(self) -> None:
+        self.since: dict[int, float] = {}
+        self.next_check = 0.0
+
+    def overdue(self, workers) -> list:
+        now = time.monotonic()
+        if now < self.next_check:
+            return []
+        self.next_check = now + 0.5
+        late = []
+        for w in workers:
+            if not _stopped(w.process.pid):
+                self.since.pop(w.process.pid, None)
+            elif now - self.since.setdefault(w.process.pid, now) >= STOPPED_GRACE:
+                late.append(w)
+        return late
 
 
 class _Worker:
@@ -275,6 +314,10 @@ class ProcessEngine:
         self.pool = _SegmentPool()
         self.last_bytes_sent = 0
         self._cleaned = False
+        # The process that started the workers. A forked child inherits this object,
+        # its sockets and the atexit hook: there, shutdown must do nothing (or the
+        # child's normal exit would stop the parent's workers).
+        self.owner = os.getpid()
 
     @property
     def size(self) -> int:
@@ -382,6 +425,7 @@ class ProcessEngine:
             self._send(w, pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL),
                        _Slots([[0, k]]), info)
             deadline = None if timeout is None else time.monotonic() + timeout
+            stops = _StopWatch()
             try:
                 while True:
                     if deadline is not None and time.monotonic() >= deadline:
@@ -403,6 +447,9 @@ class ProcessEngine:
                             raise self._rebuild_error(reply, info)
                     if w.process.sentinel in ready:
                         raise self._crash_error(w, _Slots([[0, k]]), info)
+                    if stops.overdue([w]):
+                        w.kill()
+                        raise self._crash_error(w, _Slots([[0, k]]), info, stopped=True)
             except KeyboardInterrupt:
                 w.kill()
                 raise
@@ -423,6 +470,7 @@ class ProcessEngine:
         first_error: BaseException | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         stop_deadline = None
+        stops = _StopWatch()
 
         def fail(error: BaseException) -> None:
             nonlocal first_error, stop_deadline
@@ -458,6 +506,10 @@ class ProcessEngine:
                         w = sentinels[r]
                         del pending[w.conn]
                         fail(self._crash_error(w, slot_view, spec))
+                for w in stops.overdue(list(pending.values())):
+                    del pending[w.conn]
+                    w.kill()
+                    fail(self._crash_error(w, slot_view, spec, stopped=True))
                 if on_progress is not None:
                     on_progress(job.done)
                 now = time.monotonic()
@@ -520,7 +572,7 @@ class ProcessEngine:
                          f"{self._chunk_text(err.lo, err.hi, spec)}")
         return exc
 
-    def _crash_error(self, w, slot_view, spec) -> WorkerCrashedError:
+    def _crash_error(self, w, slot_view, spec, stopped: bool = False) -> WorkerCrashedError:
         w.process.join(1)
         code = w.process.exitcode
         lo, hi = (int(v) for v in slot_view[w.index])
@@ -531,8 +583,12 @@ class ProcessEngine:
                 how = f"signal {-code}"
         else:
             how = f"exit code {code}"
+        what = f"died ({how})"
+        if stopped:
+            what = (f"was stopped (SIGSTOP or similar) for {STOPPED_GRACE} s without "
+                    "progress and was killed")
         return WorkerCrashedError(
-            f"worker process {w.process.pid} died ({how}) while computing "
+            f"worker process {w.process.pid} {what} while computing "
             f"{self._chunk_text(lo, hi, spec)} of {spec.func_name}; it will be replaced",
             pid=w.process.pid, exitcode=code, chunk=(lo, hi) if lo >= 0 else None,
         )
@@ -545,7 +601,9 @@ class ProcessEngine:
         return TimeoutError(f"{spec.func_name} did not finish within {timeout} s ({where})")
 
     def shutdown(self) -> None:
-        """Stop every worker and free the pooled segments."""
+        """Stop every worker and free the pooled segments (in the owner process only)."""
+        if os.getpid() != self.owner:
+            return
         with self._lock:
             for w in self._workers:
                 try:

@@ -51,9 +51,37 @@ def _die_with_parent(parent_pid: int) -> None:
         while True:
             time.sleep(0.25)
             if os.getppid() != parent_pid:
-                os._exit(1)
+                _orphaned(parent_pid)
 
     threading.Thread(target=watchdog, name="coremap-watchdog", daemon=True).start()
+
+
+def _orphaned(parent_pid: int) -> None:
+    """The parent died (SIGKILL, mid-call perhaps): remove the segment names it left,
+    and this worker's own, then exit.
+
+    Its segments are unlocked now (the kernel closed its descriptors); one that a
+    forked child of the parent still holds is left alone (``_shm.clean``).
+    """
+    try:
+        from coremap import _shm
+
+        _shm.clean(creators={parent_pid, os.getpid()}, exiting=True)
+    finally:
+        os._exit(1)
+
+
+def _after_eof(parent_pid: int) -> None:
+    """The socket closed without a STOP: if the parent is dying, clean up after it.
+
+    A dying process closes its descriptors before its children are re-parented,
+    so wait a moment for the re-parenting (cf. the watchdog).
+    """
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        if os.getppid() != parent_pid:
+            _orphaned(parent_pid)
+        time.sleep(0.02)
 
 
 class _Call:
@@ -236,6 +264,7 @@ def main(conn, parent_pid: int) -> None:
         try:
             data = conn.recv_bytes()
         except (EOFError, OSError):
+            _after_eof(parent_pid)
             return
         msg = pickle.loads(data)
         if msg is STOP:
