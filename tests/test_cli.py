@@ -35,7 +35,7 @@ def test_bench_one_workload(capsys, tmp_path):
 
 
 def test_bench_rejects_unknown_workload(capsys):
-    assert _cli.main(["bench", "--workload", "W9"]) == 2
+    assert _cli.main(["bench", "--workload", "W99"]) == 2
 
 
 @pytest.mark.timeout(120)

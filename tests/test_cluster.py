@@ -213,3 +213,19 @@ def test_ipp_engine_killed_midcall_is_rerun():
         with pytest.raises(cm.WorkerCrashedError):
             cm.parallel_map(x, slow_chunk, vectorized=True, backend=client, retries=1)
     assert _gone(pids)
+
+
+def pair_helper(v):
+    return v * 2.0, v - 1.0
+
+
+def test_parallel_reduce_and_several_outputs(backend):
+    # per-slab partials folded in the parent: the same bits as the local engines
+    x = _workloads.data(300_000).reshape(3, 100_000)
+    for op, axis in (("sum", None), ("max", 1), ("argmin", 1)):
+        want = cm.parallel_reduce(x, local_helper, op=op, axis=axis)
+        got = cm.parallel_reduce(x, local_helper, op=op, axis=axis, backend=backend)
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+    a, b = cm.parallel_map(x, pair_helper, backend=backend)
+    np.testing.assert_array_equal(a, x * 2.0)
+    np.testing.assert_array_equal(b, x - 1.0)

@@ -1,4 +1,4 @@
-"""The W7 and Black-Scholes workloads of ``coremap bench`` run, and compute the right thing."""
+"""The W8 (map-reduce) and W9 (Black-Scholes) workloads of ``coremap bench`` run right."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,11 +16,11 @@ def no_dask(monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_w7_rows_and_accuracy(no_dask):
-    rows = _bench_reduce.bench_w7(20000, 1) + _bench_reduce.bench_rows(1, shape=(60, 50))
+def test_w8_rows_and_accuracy(no_dask):
+    rows = _bench_reduce.bench_w8(20000, 1) + _bench_reduce.bench_rows(1, shape=(60, 50))
     names = {(r.workload, r.contender) for r in rows}
-    assert ("W7 sum 2e+04", "coremap") in names and ("W7 max 2e+04", "numba prange") in names
-    assert ("W7 rowsum 1e4x1e3", "coremap") in names
+    assert ("W8 sum 2e+04", "coremap") in names and ("W8 max 2e+04", "numba prange") in names
+    assert ("W8 rowsum 60x50", "coremap") in names
     err = next(r for r in rows if r.contender == "relative error vs math.fsum")
     assert err.met
 
@@ -34,5 +34,5 @@ def test_black_scholes_workload_matches_numpy(no_dask):
     # put-call parity: C - P = S - K exp(-rT)
     s, k, t, r, _ = args
     np.testing.assert_allclose(call - put, s - k * np.exp(-r * t), atol=1e-6)
-    rows = _bench_reduce.bench_bs(2000, 1)
+    rows = _bench_reduce.bench_w9(2000, 1)
     assert {"numpy", "numba vectorize parallel, 2 calls"} <= {r.contender for r in rows}

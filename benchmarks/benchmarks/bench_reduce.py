@@ -1,4 +1,4 @@
-"""asv suite: W7 map-reduce (sum and max of W2, a row sum) and Black-Scholes, peers included.
+"""asv suite: W8 map-reduce (sum and max of W2, a row sum) and W9 Black-Scholes, peers included.
 
 Data is made in ``setup`` from a fixed seed and every contender is warmed there
 (JIT compiles, thread pools), so ``time_*`` measures warm calls. ``peakmem_*``
@@ -24,7 +24,7 @@ def _need(module):
 
 
 class MapReduce:
-    """W7: ``op(W2(x))`` over 10^7 float64."""
+    """W8: ``op(W2(x))`` over 10^7 float64."""
 
     params = (["sum", "max"], [10**7], REDUCE_ENGINES)
     param_names = ["op", "n", "engine"]
@@ -65,7 +65,7 @@ class MapReduce:
 
 
 class RowSum:
-    """W7: row sums (``axis=1``) of a 10^4 x 10^3 float64 array."""
+    """W8: row sums (``axis=1``) of W2 over a 10^4 x 10^3 float64 array."""
 
     params = (["numpy", "numba prange", "coremap"],)
     param_names = ["engine"]
@@ -73,12 +73,12 @@ class RowSum:
     def setup(self, engine):
         m = np.random.default_rng(0).random((10**4, 10**3))
         if engine == "numpy":
-            self.fn = lambda: m.sum(axis=1)
+            self.fn = lambda: _workloads.w2_numpy(m).sum(axis=1)
         elif engine == "numba prange":
-            prows = _prange_reducers(_workloads.w1)[2]
+            prows = _prange_reducers(_workloads.w2)[2]
             self.fn = lambda: prows(m)
         else:
-            self.fn = lambda: cm.parallel_reduce(m, axis=1)
+            self.fn = lambda: cm.parallel_reduce(m, _workloads.w2, axis=1)
         self.fn()
 
     def time_rowsum(self, engine):
@@ -86,7 +86,7 @@ class RowSum:
 
 
 class BlackScholes:
-    """Call and put of 10^6 options: 5 inputs, 2 outputs."""
+    """W9: call and put of 10^6 options: 5 inputs, 2 outputs."""
 
     params = (["numpy", "numba vectorize parallel, 2 calls", "coremap, 2 calls",
                "coremap, 1 call"],)

@@ -25,7 +25,7 @@ import numpy as np
 import coremap as cm
 from coremap import _config, _workloads
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "BS", "JIT", "POOL")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W8", "W9", "JIT", "POOL")
 
 
 @dataclasses.dataclass
@@ -496,7 +496,7 @@ def machine() -> str:
 
 
 def _reduce_bench():
-    from coremap import _bench_reduce  # W7 and BS live there; it imports this module
+    from coremap import _bench_reduce  # W8 and W9 live there; it imports this module
 
     return _bench_reduce
 
@@ -518,10 +518,10 @@ def run(workloads=WORKLOADS, quick: bool = False, file=None) -> list[Row]:
         "W4": lambda: bench_w4(10**6 if not quick else 2 * 10**5, repeat),
         "W5": lambda: bench_w5(repeat),
         "W6": lambda: bench_w6(big if not quick else 10**6, repeat),
-        "W7": lambda: _reduce_bench().bench_w7(big, repeat)
-        + ([] if quick else _reduce_bench().bench_w7(10**8, 3))
+        "W8": lambda: _reduce_bench().bench_w8(big, repeat)
+        + ([] if quick else _reduce_bench().bench_w8(10**8, 3))
         + _reduce_bench().bench_rows(repeat),
-        "BS": lambda: _reduce_bench().bench_bs(big if not quick else 10**6, repeat),
+        "W9": lambda: _reduce_bench().bench_w9(big if not quick else 10**6, repeat),
         "JIT": lambda: bench_jit(repeat),
         "POOL": lambda: bench_pool(repeat, arrays=16 if not quick else 4),
     }
