@@ -74,7 +74,8 @@ def main() -> None:
         lock.release()
     shared.close()
     removed = cm.cleanup_stale()
-    print(removed)
+    freed: int = cm.clear_cache()
+    print(removed, freed)
 
     try:
         cm.parallel_map(x, square)
