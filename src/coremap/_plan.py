@@ -13,9 +13,11 @@ How ``backend="auto"`` chooses:
    timed chunks show more than ``ESCALATE_NS`` of work left (``_execute.py``),
    so small inputs never leave the calling thread: the crossover is measured
    per call, in time, rather than guessed as an element count;
-3. a scalar function Numba cannot compile -> the process engine, with one warning
-   naming Numba's error; below ``PROCESS_MIN_SIZE`` elements it runs serially,
-   since a process round trip costs more than such a call.
+3. a scalar function Numba cannot compile (or whose kernel the semantic guard,
+   ``_kernels/_guard.py``, finds giving another answer than Python) -> the process
+   engine, with one warning naming Numba's error or the element that differs;
+   below ``PROCESS_MIN_SIZE`` elements it runs serially, since a process round
+   trip costs more than such a call.
 Inside a process-engine worker every call runs serially (no nested pools).
 """
 from __future__ import annotations
