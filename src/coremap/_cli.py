@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="the workloads defined in docs/benchmarks.rst, "
                        "head to head with the peers")
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
-    p.add_argument("--workload", action="append", help="W1..W6 or JIT (repeatable)")
+    from coremap._bench import WORKLOADS
+
+    p.add_argument("--workload", action="append",
+                   help=f"one of {', '.join(WORKLOADS)} (repeatable; default: all)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the table as a bar chart")
     p.set_defaults(run=_bench)
