@@ -236,3 +236,17 @@ def test_interpreter_exit_with_pool_workers(busy):
     """, timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "exiting"
+
+
+def test_scaling_bench_rows():
+    from coremap import _bench
+
+    assert _bench.scaling_workers(16) == [1, 2, 4, 8, 16]
+    assert _bench.scaling_workers(6) == [1, 2, 4, 6]
+    assert _bench.scaling_workers(1) == [1]
+    rows = _bench.bench_scaling([2_000], 1, workers=[1, 2])
+    names = {r.contender for r in rows}
+    assert {"numba 1 thread", "coremap w=1", "coremap w=2", "prange w=2"} <= names
+    assert all(r.speedup > 0 and r.workload == "SCALING 2e+03" for r in rows)
+    base = next(r for r in rows if r.contender == "numba 1 thread")
+    assert base.speedup == 1.0

@@ -25,7 +25,7 @@ import numpy as np
 import coremap as cm
 from coremap import _config, _workloads
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W8", "W9", "JIT", "POOL")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W8", "W9", "JIT", "POOL", "SCALING")
 
 
 @dataclasses.dataclass
@@ -483,6 +483,108 @@ def bench_jit(repeat: int) -> list[Row]:
     return rows
 
 
+# -- strong scaling ----------------------------------------------------------------------
+
+def scaling_workers(cores: int) -> list[int]:
+    """1, 2, 4, ... up to ``cores`` (``cores`` itself included)."""
+    ws = [1]
+    while ws[-1] * 2 < cores:
+        ws.append(ws[-1] * 2)
+    if cores > 1:
+        ws.append(cores)
+    return ws
+
+
+def _batched(fn: Callable[[], object], k: int, context=None) -> Callable[[], object]:
+    def run():
+        if context is None:
+            for _ in range(k):
+                fn()
+            return
+        with context():
+            for _ in range(k):
+                fn()
+
+    return run
+
+
+def bench_scaling(sizes, repeat: int, workers: list[int] | None = None) -> list[Row]:
+    """Strong scaling of W2: coremap, Numba prange and numexpr at 1, 2, 4, ... workers.
+
+    Speed-ups are over one Numba thread (a plain ``@njit`` loop into a fresh NumPy
+    array); every contender allocates its output with NumPy. Small sizes are timed
+    in batches of calls lasting ~2 ms, so the clock's resolution does not matter.
+    coremap's worker count is set with ``cm.config(workers=w)`` around the batch,
+    as a program making many calls would: each call then takes the cached fast
+    path (an explicit ``workers=`` keyword goes through the planner every call).
+    """
+    import numba
+
+    workers = workers or scaling_workers(_config.usable_cores())
+    workers = [w for w in workers if w <= numba.config.NUMBA_NUM_THREADS]
+    _, _, prange_out, serial = _numba_peers(_workloads.w2)
+    rows: list[Row] = []
+    for n in sizes:
+        x = _workloads.data(n)
+        calls: dict[str, tuple[Callable[[], object], object]] = {
+            "numba 1 thread": (lambda: serial(x, np.empty_like(x)), None),  # noqa: B023
+        }
+        for w in workers:
+            calls[f"coremap w={w}"] = (
+                lambda: cm.parallel_map(x, _workloads.w2),  # noqa: B023
+                lambda w=w: cm.config(workers=w))
+            calls[f"prange w={w}"] = (
+                lambda w=w: (numba.set_num_threads(w),
+                             prange_out(x, np.empty_like(x))), None)  # noqa: B023
+            if _has("numexpr"):
+                import numexpr
+
+                calls[f"numexpr w={w}"] = (
+                    lambda w=w: (numexpr.set_num_threads(w),  # noqa: B023
+                                 numexpr.evaluate("sin(x)*exp(-x*x) + sqrt(x)",
+                                                  local_dict={"x": x})), None)  # noqa: B023
+        for fn, context in calls.values():
+            _batched(fn, 2, context)()  # compile, warm, and fill the fast path's cache
+        one = median_time(calls["numba 1 thread"][0], 3)
+        k = max(1, int(2e-3 / max(one, 1e-7)))
+        t = time_interleaved({name: _batched(fn, k, context)
+                              for name, (fn, context) in calls.items()}, repeat)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        base = t["numba 1 thread"] / k
+        for name, sec in t.items():
+            rows.append(_scaling_row(n, name, sec / k, base, t, workers))
+    return rows
+
+
+def _scaling_row(n, name, sec, base, t, workers) -> Row:
+    row = Row(f"SCALING {n:.0e}", name, sec, base / sec)
+    if name.startswith("coremap"):
+        w = int(name.split("=")[1])
+        prange = t[f"prange w={w}"] / t[name]
+        row.note = f"{prange:.2f}x prange w={w}"
+        if w == 1 and n >= 10**6:
+            row.target = ">= 0.95x one Numba thread"
+            row.met = row.speedup >= 0.95
+        elif w == workers[-1] and n >= 10**4:
+            row.target = ">= 1.0x one thread" + (", >= 0.9x prange" if n >= 3 * 10**4 else "")
+            row.met = row.speedup >= 1.0 and (n < 3 * 10**4 or prange >= 0.9)
+    return row
+
+
+def print_scaling(rows: list[Row], file=None) -> None:
+    """The SCALING rows as a matrix: one line per size, speed-ups per contender."""
+    file = file or sys.stdout
+    sizes = list(dict.fromkeys(r.workload for r in rows))
+    names = [r.contender for r in rows if r.workload == sizes[0]] if sizes else []
+    print("\nspeed-up over one Numba thread (W2, fresh output each call)", file=file)
+    print(f"{'size':>8} " + " ".join(f"{c:>13}" for c in names), file=file)
+    for size in sizes:
+        by = {r.contender: r for r in rows if r.workload == size}
+        cells = [f"{by[c].speedup:>12.2f}x" if c in by else f"{'':>13}" for c in names]
+        print(f"{size.split()[1]:>8} " + " ".join(cells), file=file)
+    file.flush()
+
+
 # -- driver ------------------------------------------------------------------------------
 
 def machine() -> str:
@@ -524,10 +626,14 @@ def run(workloads=WORKLOADS, quick: bool = False, file=None) -> list[Row]:
         "W9": lambda: _reduce_bench().bench_w9(big if not quick else 10**6, repeat),
         "JIT": lambda: bench_jit(repeat),
         "POOL": lambda: bench_pool(repeat, arrays=16 if not quick else 4),
+        "SCALING": lambda: bench_scaling(
+            [10**3, 10**4, 10**5, 10**6] + ([] if quick else [10**7]), repeat),
     }
     for w in workloads:
         part = steps[w]()
         print_table(part, file=file)
+        if w == "SCALING":
+            print_scaling(part, file=file)
         rows += part
     return rows
 
@@ -552,7 +658,18 @@ def to_json(rows: list[Row], path: str) -> None:
 
 
 def plot(rows: list[Row], path: str) -> None:
-    """A bar chart of speed-ups (log scale), one panel per workload."""
+    """A bar chart of speed-ups (log scale), one panel per workload.
+
+    SCALING rows are drawn as speed-up against workers, one panel per size (into
+    ``path`` when they are all there is, else into ``<path stem>-scaling.png``).
+    """
+    scaling = [r for r in rows if r.workload.startswith("SCALING")]
+    rows = [r for r in rows if not r.workload.startswith("SCALING")]
+    if scaling:
+        root, ext = os.path.splitext(path)
+        plot_scaling(scaling, path if not rows else f"{root}-scaling{ext or '.png'}")
+    if not rows:
+        return
     try:
         import matplotlib
 
@@ -589,6 +706,41 @@ def plot(rows: list[Row], path: str) -> None:
         ax.axis("off")
     fig.suptitle(f"speed-up over each workload's baseline (higher is better)\n{machine()}",
                  fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scaling(rows: list[Row], path: str) -> None:
+    """Speed-up over one Numba thread against workers: one panel per size, a line per tool."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'coremap[bench]'") from exc
+    sizes = list(dict.fromkeys(r.workload for r in rows))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes), 3.2), squeeze=False)
+    for ax, size in zip(axes.flat, sizes):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for r in rows:
+            if r.workload == size and "=" in r.contender:
+                tool, w = r.contender.split(" w=")
+                lines.setdefault(tool, []).append((int(w), r.speedup))
+        colors = {"coremap": "#d95f02", "prange": "#7570b3", "numexpr": "#1b9e77"}
+        for tool, pts in lines.items():
+            ax.plot(*zip(*pts), marker="o", label=tool, color=colors.get(tool))
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({w for pts in lines.values() for w, _ in pts})
+        ax.set_xticks(ticks, [str(w) for w in ticks])
+        ax.set_title(f"n = {size.split()[1]}", fontsize=9)
+        ax.set_xlabel("workers", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].set_ylabel("speed-up over one Numba thread", fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"W2 strong scaling (higher is better)\n{machine()}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
