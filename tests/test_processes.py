@@ -580,26 +580,54 @@ def test_worker_gone_before_send_is_worker_crashed(engine, monkeypatch):
 
 # -- stopped workers, killed parents, forked children, nested pools, leaks ----------------
 
+def slow_dec2(v):
+    time.sleep(0.0005)
+    return float(decimal.Decimal(v) * 2)
+
+
 def test_stopped_worker_is_a_crash_and_replaced(engine):
-    """Item 9: a SIGSTOPped worker would hang the call (as in multiprocessing and loky)."""
+    """Item 9: a worker SIGSTOPped mid-chunk would hang the call (as in multiprocessing
+    and loky): it is a WorkerCrashedError once stopped for STOPPED_GRACE."""
+    import threading
+
     from coremap.engines._processes import STOPPED_GRACE
 
+    x = np.arange(20_000.0)
+    cm.parallel_map(x[:10], dec2, backend="processes", workers=2)
+    victim = engine.pids()[1]
+    stopper = threading.Timer(0.5, os.kill, (victim, signal.SIGSTOP))
+    stopper.start()
+    try:
+        t = time.perf_counter()
+        with pytest.raises(cm.WorkerCrashedError, match="stopped") as info:
+            cm.parallel_map(x, slow_dec2, backend="processes", workers=2,
+                            schedule="dynamic", chunk_size=200)
+        assert time.perf_counter() - t < STOPPED_GRACE + 6.0
+        assert info.value.pid == victim and info.value.chunk is not None
+        assert _wait_gone([victim], 5.0)
+    finally:
+        stopper.join(5)
+        if _alive(victim):
+            os.kill(victim, signal.SIGKILL)
+    np.testing.assert_array_equal(cm.parallel_map(x, dec2, backend="processes", workers=2),
+                                  2 * x)
+    assert victim not in engine.pids()
+
+
+def test_stopped_idle_worker_does_not_hang_the_next_call(engine):
+    """A worker stopped between calls: the others compute the call, it is replaced."""
     x = np.arange(4000.0)
     cm.parallel_map(x, dec2, backend="processes", workers=2)
     victim = engine.pids()[1]
     os.kill(victim, signal.SIGSTOP)
     try:
-        t = time.perf_counter()
-        with pytest.raises(cm.WorkerCrashedError, match="stopped") as info:
-            cm.parallel_map(x, dec2, backend="processes", workers=2)
-        assert time.perf_counter() - t < STOPPED_GRACE + 5.0
-        assert info.value.pid == victim
+        got = cm.parallel_map(x, dec2, backend="processes", workers=2)
+        np.testing.assert_array_equal(got, 2 * x)
         assert _wait_gone([victim], 5.0)
     finally:
         if _alive(victim):
             os.kill(victim, signal.SIGKILL)
-    np.testing.assert_array_equal(cm.parallel_map(x, dec2, backend="processes", workers=2),
-                                  2 * x)
+    cm.parallel_map(x[:10], dec2, backend="processes", workers=2)
     assert victim not in engine.pids()
 
 

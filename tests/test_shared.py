@@ -319,3 +319,26 @@ def test_unremovable_stale_segment_is_skipped(monkeypatch):
     finally:
         monkeypatch.undo()
         os.unlink(path)
+
+
+def test_creation_never_waits_on_a_cleaner(monkeypatch):
+    """A name whose lock a cleaner took first is dropped, and another name is taken."""
+    import fcntl
+
+    tokens = iter(["c" * 9, "d" * 9])
+    monkeypatch.setattr(_shm, "_random_part", lambda: next(tokens))
+    real_flock, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        calls.append(op)
+        if len(calls) == 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(_shm.fcntl, "flock", flock)
+    a = cm.SharedArray.zeros(10)
+    tag = _shm.namespace_tag()
+    assert a.name == f"coremap_{os.getpid()}_{tag}_{'d' * 9}"
+    assert f"coremap_{os.getpid()}_{tag}_{'c' * 9}" not in _segments()
+    assert calls[0] & fcntl.LOCK_NB  # never a blocking wait
+    a.unlink()

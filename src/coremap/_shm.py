@@ -148,7 +148,11 @@ class Segment:
                 continue  # taken (or planted): never attach to it, pick another name
             if _hold(fd):
                 break
-            os.close(fd)  # a cleaner removed it before we locked it: take another name
+            os.close(fd)  # a cleaner took it before we locked it: take another name
+            try:
+                _posixshmem.shm_unlink("/" + name)
+            except FileNotFoundError:
+                pass
         else:  # pragma: no cover - 16 collisions of 45 random bits
             raise FileExistsError("could not find a free shared-memory name")
         try:
@@ -229,9 +233,15 @@ def _free_bytes() -> int | None:
 
 
 def _hold(fd: int) -> bool:
-    """Take the owner's shared lock on a new segment; False if it was unlinked meanwhile."""
+    """Take the owner's shared lock on a new segment; False if a cleaner got there first.
+
+    Never blocks: a cleaner holding the lock is about to unlink the name (it took
+    our pid for dead), so the caller drops this one and takes another name.
+    """
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
     except OSError:  # pragma: no cover - a filesystem without flock: pid checks only
         return True
     return os.fstat(fd).st_nlink > 0

@@ -508,8 +508,11 @@ class ProcessEngine:
                         fail(self._crash_error(w, slot_view, spec))
                 for w in stops.overdue(list(pending.values())):
                     del pending[w.conn]
-                    w.kill()
-                    fail(self._crash_error(w, slot_view, spec, stopped=True))
+                    w.kill()  # SIGKILL ends a stopped process too
+                    if slot_view[w.index, 0] >= 0 or job.done < spec.job.size:
+                        fail(self._crash_error(w, slot_view, spec, stopped=True))
+                    # else: it held no chunk and the others computed everything: the
+                    # result is whole, the worker is replaced next call
                 if on_progress is not None:
                     on_progress(job.done)
                 now = time.monotonic()
