@@ -169,7 +169,6 @@ LAYERS = {
     "coremap.pool": FRONT, "coremap.shared": FRONT, "coremap.cluster": FRONT,
     "coremap._cli": FRONT, "coremap._demo": FRONT, "coremap._bench": FRONT,
     "coremap._info": FRONT, "coremap._reduce": FRONT, "coremap._containers": FRONT,
-    "coremap._bench_reduce": FRONT,
     "coremap._plan": PLANNING, "coremap._multi": PLANNING, "coremap._execute": PLANNING,
     "coremap._fastpath": PLANNING, "coremap._insights": PLANNING,
     "coremap._tasks": BOTTOM, "coremap._layout": BOTTOM, "coremap._shm": BOTTOM,
@@ -193,20 +192,12 @@ KNOWN_UPWARD = {
         "the process engine's path finds SharedArray operands to use them in place",
     ("coremap._insights", "coremap.shared"):
         "run insights count the bytes a SharedArray out= saved",
-    ("coremap._multi", "coremap._api"):
-        "several outputs fall back to parallel_map per output (a circle through _api)",
-    ("coremap._multi", "coremap._reduce"):
-        "several outputs reuse the reduction's native task (a circle through _api)",
 }
 
 
 # Same-layer imports that close a circle today, left out of the circle check like the
 # upward ones above (and each a strict expected failure too).
-KNOWN_CIRCLE = {
-    ("coremap._bench_reduce", "coremap._bench"):
-        "the reduction benchmarks reuse the bench module's timing helpers, which "
-        "import them back",
-}
+KNOWN_CIRCLE: dict = {}
 KNOWN = {**KNOWN_UPWARD, **KNOWN_CIRCLE}
 
 

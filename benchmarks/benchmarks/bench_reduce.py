@@ -11,8 +11,7 @@ import numpy as np
 
 import coremap as cm
 from coremap import _workloads
-from coremap._bench import median_time
-from coremap._bench_reduce import W2_EXPR, _prange_reducers, _with_jitted_cnd
+from coremap._bench import W2_EXPR, _prange_reducers, _with_jitted_cnd, median_time
 
 REDUCE_ENGINES = ["numpy", "numba prange", "numexpr", "dask.array", "coremap",
                   "coremap workers=1"]

@@ -6,7 +6,7 @@
             Numba: a generated cfunc ``t = f(...); o0[i] = t[0]; o1[i] = t[1]``
                    run by the chunk runner without the GIL
             ufunc / vectorized / Python: a chunk function storing each part
-        processes / cluster clients: one ``parallel_map`` per output through a
+        processes / cluster clients: one planned call per output through a
             generated projection ``f(...)[k]`` (compiled by Numba where ``f`` is),
             so every engine gives the same arrays; ``f`` runs once per output there
 
@@ -249,6 +249,22 @@ def _job(size, kind, workers, schedule, chunk_size):
                        escalate_ns=ESCALATE_NS, floor_ns=FLOOR_CHUNK_NS if timed else 0)
 
 
+def native_task():
+    """The engine task for a native kernel: claim ranges and run it in Cython, no GIL.
+
+    (Shared with parallel_reduce, whose block kernels follow the same convention.)
+    """
+    from coremap._kernels._numba import kernel_scope
+
+    main = threading.current_thread() is threading.main_thread()
+
+    def task(job, caller):
+        with kernel_scope():  # only the main thread takes Ctrl-C between claims
+            job.run_native(check_signals=caller and main)
+
+    return task
+
+
 def _python_task(chunk, errors):
     def task(job, caller):
         if not job.enter():
@@ -274,7 +290,6 @@ def _python_task(chunk, errors):
 
 def _run_here(kind, func, inputs, shape, targets, engine_name, opts):
     """One pass on the serial or thread engine, every output written by the same chunk."""
-    from coremap._reduce import _native_task
     from coremap.engines import get_engine
 
     size = math.prod(shape)
@@ -289,7 +304,7 @@ def _run_here(kind, func, inputs, shape, targets, engine_name, opts):
         address = _kernel_address(func, tuple(i.dtype for i in inputs),
                                   tuple(t.dtype for t in targets), classes)
         job.set_kernel(address, space.base_ptrs, space.meta(), space.views)
-        task = _native_task()
+        task = native_task()
     else:
         task = _python_task(_chunk_function(kind, func, inputs, space, len(targets)), errors)
     get_engine(engine_name).run(job, task, workers, on_progress=None, timeout=opts["timeout"])
@@ -351,8 +366,9 @@ def parallel_map_several(arrays, func, *, out=None, dtype=None, vectorized=False
                          backend=None, workers=None, chunk_size=None, schedule="guided",
                          progress=False, timeout=None, retries=0):
     """``parallel_map`` for a function with several outputs: a tuple of arrays."""
-    from coremap._api import parallel_map
+    from coremap._execute import execute
     from coremap._layout import normalize_inputs
+    from coremap._plan import plan_call
 
     backend = _config.default_backend() if backend is None else _config.check_backend(backend)
     workers = _config.check_positive_int(
@@ -386,9 +402,10 @@ def parallel_map_several(arrays, func, *, out=None, dtype=None, vectorized=False
     else:
         for k in range(nout):
             part = _projection(func, k, len(inputs), vectorized)
-            parallel_map(arrays, part, out=targets[k], vectorized=vectorized, backend=remote,
-                         workers=workers, chunk_size=chunk_size, schedule=schedule,
-                         progress=progress, timeout=timeout, retries=retries)
+            call = plan_call(arrays, part, out=targets[k], vectorized=vectorized,
+                             backend=remote, workers=workers, chunk_size=chunk_size,
+                             schedule=schedule, timeout=timeout, retries=retries)
+            execute(call, progress=progress)
     for t, r in zip(targets, results):
         if t is not r:
             np.copyto(r, t, casting="same_kind")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 import time
 import warnings
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -329,19 +328,6 @@ def _affine_scalar(a, b, dtype_str):
     return affine
 
 
-def _native_task():
-    """The engine task: claim block ranges and run the kernel in Cython, no GIL."""
-    from coremap._kernels._numba import kernel_scope
-
-    main = threading.current_thread() is threading.main_thread()
-
-    def task(job, caller):
-        with kernel_scope():  # only the main thread takes Ctrl-C between claims
-            job.run_native(check_signals=caller and main)
-
-    return task
-
-
 def _new_job(nblocks: int, per_block: int, workers: int, schedule: str, chunk_size):
     """The runner's job over the blocks (its counters count blocks, not elements)."""
     chunk = 1 if chunk_size is None else max(1, -(-chunk_size // per_block))
@@ -371,6 +357,7 @@ def _partials(M: int, nb: int, acc: np.dtype, is_arg: bool):
 def _run_compiled(call, kfunc, kop, map_dtype, acc, engine_name, opts, bar):
     """The compiled path: one fused block kernel over every block, on an engine."""
     from coremap._kernels import _reducers
+    from coremap._multi import native_task
     from coremap.engines import get_engine
 
     red = call.order_reduced()
@@ -394,7 +381,7 @@ def _run_compiled(call, kfunc, kop, map_dtype, acc, engine_name, opts, bar):
     job.set_kernel(address, ptrs, meta, (views, P, PI))
     on_progress = None if bar is None else (
         lambda done: bar.update(min(done * B, call.M * call.N) - bar.n))
-    get_engine(engine_name).run(job, _native_task(), workers, on_progress=on_progress,
+    get_engine(engine_name).run(job, native_task(), workers, on_progress=on_progress,
                                 timeout=opts["timeout"])
     failed = job.failed_chunk
     if failed is not None:
@@ -720,7 +707,7 @@ def parallel_reduce(
         map_backend = compiled  # no block kernel for these dtypes: NumPy folds the slabs
         compiled = None
     if kind == "python" and backend == "auto" and map_backend == "processes":
-        from coremap._api import CoremapWarning
+        from coremap._errors import CoremapWarning
 
         warnings.warn(f"Numba could not compile {_name(func)} ({numba_error}); it runs as "
                       "plain Python in worker processes. Pass backend='processes' to "
