@@ -210,6 +210,22 @@ def test_python_function_runs_on_processes_with_the_same_bits():
     assert same_bits(fused, mapped)
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("dtype", [np.int16, np.float64])
+def test_every_op_on_processes_gives_the_threads_bits(dtype):
+    a = data(dtype, (3, 9000))
+    if a.dtype.kind == "f":
+        a = (a - 1.0) * 0.002 + 1.0  # about 1: the product of 27,000 squares stays normal
+    mapped = cm.parallel_map(a, square)  # Numba's dtype for v * v (int16 -> int64)
+    for op in OPS:
+        for axis in (None, 1, 0):
+            here = cm.parallel_reduce(a, square, op=op, axis=axis, workers=2)
+            there = cm.parallel_reduce(a, square, op=op, axis=axis, backend="processes",
+                                       workers=2)
+            assert same_bits(here, there), (op, axis)
+            assert_matches(there, numpy_reduce(mapped, op, axis), dtype)
+
+
 def raises_above(v):
     if v > 0.999:
         raise ValueError("too big")
