@@ -307,7 +307,7 @@ def test_sum_of_w2_is_accurate_and_identical_across_workers():
 def test_no_temporary_of_the_input_size():
     x = np.random.default_rng(8).random(10**7)
     cm.parallel_reduce(x, square, workers=2)  # compile and warm first
-    cm.parallel_reduce(x, workers=2)
+    cm.parallel_reduce(x, op="max", workers=2)
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
