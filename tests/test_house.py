@@ -190,8 +190,6 @@ KNOWN_UPWARD = {
         "pooled segments are handed out as SharedArray views",
     ("coremap._execute", "coremap.shared"):
         "the process engine's path finds SharedArray operands to use them in place",
-    ("coremap._insights", "coremap.shared"):
-        "run insights count the bytes a SharedArray out= saved",
 }
 
 

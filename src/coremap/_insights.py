@@ -300,10 +300,11 @@ def run(plan_call, run_call) -> Insights:
                     rec.workers.items())
     copied_back = None
     if undo is not None:
-        from coremap.shared import SharedArray
-
+        # a SharedArray out= (it has a segment) is written in place: nothing copied
+        # back. Asked by attribute, so this layer does not import the front end.
         out = getattr(plan, "out", None)
-        copied_back = 0 if isinstance(out, SharedArray) else _nbytes(result)
+        in_place = getattr(out, "_segment", None) is not None
+        copied_back = 0 if in_place else _nbytes(result)
     return Insights(
         plan=getattr(plan, "plan", plan),  # a _plan.Call carries the frozen plan
         result=result, wall_s=t2 - t0, plan_s=t1 - t0,
