@@ -669,6 +669,22 @@ def parallel_reduce(
     >>> int(cm.parallel_reduce(x, op="argmax"))
     9
     """
+    backend, workers, chunk_size = _check_options(progress, schedule, backend, workers,
+                                                  chunk_size, timeout, retries)
+    items = arrays if isinstance(arrays, tuple) else (arrays,)
+    container = _containers.find(items)
+    if container is not None:  # pandas, xarray, masked or dask in (see _containers.py)
+        return _reduce_container(container, items, func, op, axis, dtype, out, keepdims,
+                                 initial, vectorized, backend, workers, chunk_size,
+                                 schedule, progress, timeout, retries)
+    call = _Call(arrays, func, op, axis, dtype, out, keepdims, initial, vectorized)
+    opts = {"workers": workers, "chunk_size": chunk_size, "schedule": schedule,
+            "timeout": timeout, "retries": retries}
+    return _reduce(call, backend, opts, progress)
+
+
+def _check_options(progress, schedule, backend, workers, chunk_size, timeout, retries):
+    """The run options checked (before any work): ``(backend, workers, chunk_size)``."""
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be True or False, got {progress!r}")
     if schedule not in _config.SCHEDULES:
@@ -684,13 +700,12 @@ def parallel_reduce(
         raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    items = arrays if isinstance(arrays, tuple) else (arrays,)
-    container = _containers.find(items)
-    if container is not None:  # pandas, xarray, masked or dask in (see _containers.py)
-        return _reduce_container(container, items, func, op, axis, dtype, out, keepdims,
-                                 initial, vectorized, backend, workers, chunk_size,
-                                 schedule, progress, timeout, retries)
-    call = _Call(arrays, func, op, axis, dtype, out, keepdims, initial, vectorized)
+    return backend, workers, chunk_size
+
+
+def _reduce(call: _Call, backend, opts: dict, progress: bool):
+    """Pick the path (compiled, slabs or empty) for a validated call and run it."""
+    func, workers, timeout = call.func, opts["workers"], opts["timeout"]
     kind, map_dtype, kfunc, numba_error = _resolve(call)
     compiled, map_backend = _engines(kind, call.M * call.N, backend, workers)
     if map_dtype is not None:
@@ -711,9 +726,7 @@ def parallel_reduce(
 
         warnings.warn(f"Numba could not compile {_name(func)} ({numba_error}); it runs as "
                       "plain Python in worker processes. Pass backend='processes' to "
-                      "silence this warning.", CoremapWarning, stacklevel=2)
-    opts = {"workers": workers, "chunk_size": chunk_size, "schedule": schedule,
-            "timeout": timeout, "retries": retries}
+                      "silence this warning.", CoremapWarning, stacklevel=3)
     bar = _bar(call, func, progress)
     try:
         if compiled is not None:
