@@ -511,3 +511,22 @@ def test_a_running_pool_dropped_unclosed_is_collected_and_stopped():
     for p in procs:
         p.join(10)
         assert not p.is_alive()
+
+
+def test_a_failed_start_leaves_no_worker_behind(monkeypatch):
+    from coremap.engines import _processes
+
+    real = _processes._Worker
+    started = []
+
+    def second_fails(index):
+        if started:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        started.append(real(index))
+        return started[-1]
+
+    monkeypatch.setattr(_processes, "_Worker", second_fails)
+    with pytest.raises(BlockingIOError):
+        cm.Pool(2)
+    started[0].process.join(10)
+    assert not started[0].process.is_alive()

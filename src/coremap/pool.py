@@ -654,7 +654,7 @@ class Pool:
                 self._workers.append(self._start_worker())
         except BaseException:  # never leave the workers already started behind
             self._state = TERMINATE
-            _shutdown(self._workers, self._wakeup_w)
+            _shutdown(self._workers, self._wakeup_w, os.getpid())
             self._wakeup_r.close()
             raise
         # the thread holds the pool only by a weak reference between steps, so a pool
