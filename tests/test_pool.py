@@ -530,3 +530,27 @@ def test_a_failed_start_leaves_no_worker_behind(monkeypatch):
         cm.Pool(2)
     started[0].process.join(10)
     assert not started[0].process.is_alive()
+
+
+def test_a_slow_imap_input_does_not_block_submitting():
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_input():
+        yield 1
+        entered.set()
+        release.wait(30)  # the pool's thread is reading this input meanwhile
+        yield 2
+
+    with cm.Pool(2) as pool:
+        it = pool.imap(square, slow_input())
+        assert entered.wait(30)
+        submitted = []
+        t = threading.Thread(target=lambda: submitted.append(pool.apply_async(square, (3,))))
+        t.start()
+        t.join(10)
+        done = not t.is_alive()
+        release.set()
+        t.join(30)
+        assert done, "apply_async waited for the imap input"
+        assert submitted[0].get(timeout=30) == 9
+        assert list(it) == [1, 4]

@@ -1078,10 +1078,12 @@ class Pool:
     def _step(self) -> bool:
         """One round of the handler: send, wait (0.5 s at most), receive, reap.
         False once the pool is terminated, or closed with nothing left to do."""
+        if self._state == TERMINATE:
+            return False
+        # not under the lock: reading an imap input or sending a large batch must not
+        # hold up threads that submit (only this thread takes tasks off the queues)
+        self._dispatch()
         with self._lock:
-            if self._state == TERMINATE:
-                return False
-            self._dispatch()
             if (self._state == CLOSE and not self._tasks and not self._retry
                     and not self._busy):
                 for w in self._workers:
@@ -1101,6 +1103,7 @@ class Pool:
         return True
 
     def _next_task(self) -> _Task | None:
+        """The next task to send (the handler thread only: it alone takes from the queues)."""
         while self._retry:
             task = self._retry.popleft()
             if not task.job.result.ready():
