@@ -29,10 +29,18 @@ RUNNER = textwrap.dedent("""
     {prelude}
     import fmod
     x = np.linspace(0.0, 2.0, 5000).astype(sys.argv[1])
+    mode = sys.argv[2]
     with event.install_recorder("numba:compile") as rec:
-        y = cm.parallel_map(x, fmod.f)
+        if mode == "map":
+            y = cm.parallel_map(x, fmod.f)
+        elif mode == "reduce":
+            y = cm.parallel_reduce(x.reshape(50, 100), fmod.f, "max", axis=1)
+        elif mode == "reduce-inputs":
+            y = cm.parallel_reduce(x.reshape(50, 100), None, "sum", axis=1)
+        else:  # several outputs
+            y = np.concatenate(cm.parallel_map(x, fmod.g))
     compiles = sum(1 for _, ev in rec.buffer if ev.is_start)
-    print(json.dumps({{"compiles": compiles, "y": y.astype(float).tolist()}}))
+    print(json.dumps({{"compiles": compiles, "y": np.asarray(y).astype(float).tolist()}}))
 """)
 
 
@@ -40,12 +48,12 @@ def _module(path, body):
     path.joinpath("fmod.py").write_text(textwrap.dedent(body))
 
 
-def _run(tmp_path, dtype="float64", prelude=""):
+def _run(tmp_path, dtype="float64", prelude="", mode="map"):
     env = dict(os.environ, COREMAP_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
     script = tmp_path / "run.py"
     script.write_text(RUNNER.format(prelude=prelude))
-    proc = subprocess.run([sys.executable, str(script), dtype], capture_output=True,
+    proc = subprocess.run([sys.executable, str(script), dtype, mode], capture_output=True,
                           text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -64,6 +72,9 @@ POLY = """
 
     def f(v):
         return SCALE * helper(v) + 1.0
+
+    def g(v):
+        return f(v), v
 """
 
 
@@ -73,6 +84,19 @@ def test_hit_in_a_fresh_process(tmp_path):
     warm, y2 = _run(tmp_path)
     assert cold > 0 and warm == 0
     np.testing.assert_array_equal(y1, 2.0 * _x() ** 2 + 1.0)
+    np.testing.assert_array_equal(y2, y1)
+
+
+@pytest.mark.parametrize("mode", ["reduce", "reduce-inputs", "several"])
+def test_reduction_and_several_output_kernels_hit_too(tmp_path, mode):
+    _module(tmp_path, POLY)
+    cold, y1 = _run(tmp_path, mode=mode)
+    warm, y2 = _run(tmp_path, mode=mode)
+    assert cold > 0 and warm == 0
+    m = _x().reshape(50, 100)
+    want = {"reduce": (2.0 * m**2 + 1.0).max(axis=1), "reduce-inputs": m.sum(axis=1),
+            "several": np.concatenate([2.0 * _x() ** 2 + 1.0, _x()])}[mode]
+    np.testing.assert_allclose(y1, want, rtol=1e-13)
     np.testing.assert_array_equal(y2, y1)
 
 

@@ -187,11 +187,15 @@ def _kernel_address(func, in_dtypes, out_dtypes, classes) -> int:
             ns = {"carray": numba.carray, "BIG": _BIG, "fn": st.dispatcher}
             for k, dt in enumerate((*in_dtypes, *out_dtypes)):
                 ns[f"dt{k}"] = np.dtype(dt)
-            exec(_source(len(in_dtypes), len(out_dtypes), classes), ns)  # generated source
+            text = _source(len(in_dtypes), len(out_dtypes), classes)
+            exec(text, ns)  # generated source
             sig = nt.int64(nt.CPointer(nt.voidptr), nt.CPointer(nt.int64), nt.int64,
                            nt.int64)
-            cf = numba.cfunc(sig, nopython=True, nogil=True, error_model="numpy")(
-                ns["kernel"])
+            from coremap._kernels import _diskcache  # loaded from disk when it can be keyed
+
+            cf = _diskcache.cfunc(sig, ns["kernel"], st.dispatcher,
+                                  (text, tuple(in_dtypes), tuple(out_dtypes)),
+                                  nopython=True, nogil=True, error_model="numpy")
             st.kernels[key] = cf
         return cf.address
 

@@ -1,7 +1,8 @@
 """Compiled kernels cached on disk: a fresh process loads machine code instead of compiling.
 
     _numba._Compiled(f)  ──> attach(dispatcher, f): key(f), or None (then nothing changes)
-    _numba._build(kernel) ──> cfunc(sig, kernel, f's dispatcher, parts): the chunk kernel,
+    _numba._build, _reducers._build, _multi._kernel_address
+                         ──> cfunc(sig, kernel, f's dispatcher, parts): the chunk kernel,
                               keyed by key(f), the generated source, dtypes, stride classes
     Numba's own cache machinery then loads or saves each compile result
     (``numba.core.caching``: an index file and one data file per signature), with
@@ -254,12 +255,19 @@ def attach(dispatcher, func) -> None:
 
 def cfunc(sig, kernel, jitted, parts: tuple, **options):
     """``numba.cfunc(sig, **options)(kernel)``, loaded from or saved to the disk cache
-    when the function ``jitted`` compiles has a key (``parts``: what else shapes it)."""
+    when the function ``jitted`` compiles has a key, or when there is no user
+    function (``jitted=None``); ``parts``: everything else that shapes the kernel
+    (its generated source and dtypes)."""
     from numba import cfunc as numba_cfunc
     from numba.core import sigutils
     from numba.core.ccallback import CFunc
 
-    key = _keys.get(jitted) if directory() is not None else None
+    if directory() is None:
+        key = None
+    elif jitted is None:  # no user function (a reduction of the inputs themselves)
+        key = _base().hex()
+    else:
+        key = _keys.get(jitted)
     if key is None:
         return numba_cfunc(sig, **options)(kernel)
     h = hashlib.sha256(key.encode())

@@ -223,11 +223,16 @@ def _build(func, op, in_dtypes, acc_dtype, classes):
           "acc": acc_dtype.type}
     for k, dt in enumerate(in_dtypes):
         ns[f"dt{k}"] = np.dtype(dt)
-    exec(source(op, len(in_dtypes), classes), ns)  # generated source: see source()
+    text = source(op, len(in_dtypes), classes)
+    exec(text, ns)  # generated source: see source()
     sig = types.int64(types.CPointer(types.voidptr), types.CPointer(types.int64),
                       types.int64, types.int64)
     try:
-        return numba.cfunc(sig, nopython=True, nogil=True, error_model="numpy")(ns["kernel"])
+        from coremap._kernels import _diskcache  # loaded from disk when it can be keyed
+
+        return _diskcache.cfunc(sig, ns["kernel"], None if func is None else fn,
+                                (text, op, tuple(in_dtypes), acc_dtype),
+                                nopython=True, nogil=True, error_model="numpy")
     except Exception as exc:  # e.g. a result that does not fit the accumulator's kind
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         name = getattr(func, "__name__", repr(func)) if func is not None else "the inputs"
