@@ -5,10 +5,11 @@
       │         pooled segments; the output is a pooled segment (or a SharedArray out)
       │ control block (a segment): the job state (atomic chunk counter, cancel,
       │         progress) and one [lo, hi) slot per worker
-      │ send each worker one small message: the function (cloudpickle, once per call),
-      │         segment names, offsets, shapes, strides -- never array bytes
+      │ send each worker one small CallSpec (_messages.py): the function (cloudpickle,
+      │         once per call), segment names, offsets, shapes, strides -- never array bytes
       ├──> worker k: attach (cached), claim chunks from the shared counter, compute in place
-      │ wait on replies and on the workers' sentinels (a dead worker is seen at once)
+      │ wait on replies (each checked: its kind and task id) and on the workers'
+      │         sentinels (a dead worker is seen at once)
       └── unlink the call's segment names; copy the output to the caller's array
 
 Workers are fresh interpreters (``subprocess``, see ``_Process``), never
@@ -24,7 +25,15 @@ Failures: an exception in the function comes back with its type and the
 worker's traceback as ``__cause__``; a worker that dies gives
 ``WorkerCrashedError`` naming the chunk, pid and signal; ``timeout`` kills the
 workers still computing and raises ``TimeoutError``. Ctrl-C cancels through the
-shared state; workers that do not stop within a second are killed.
+shared state; workers that do not stop within a second are killed. A worker
+stopped (SIGSTOP, state ``T``) for ``STOPPED_GRACE`` is killed and counts as
+dead; one that dies before its request is sent is a ``WorkerCrashedError`` too.
+A reply for another task is a ``ProtocolError``, never a result.
+
+The engine belongs to the process that created it: a forked child that calls
+``parallel_map`` gets its own, and its exit (atexit) leaves the parent's workers
+alone. A parent killed outright takes its workers with it, and they unlink its
+segment names on the way out (``_worker._orphaned``).
 """
 from __future__ import annotations
 
