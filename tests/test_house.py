@@ -291,7 +291,7 @@ def _cycles(graph) -> list:
 def test_the_import_graph_is_read_from_the_source():
     graph = _import_graph()
     assert "coremap._plan" in graph["coremap._api"]
-    assert "coremap.engines._cluster" in graph["coremap._plan"]  # a lazy import counts
+    assert "coremap._kernels._numba" in graph["coremap._plan"]  # a lazy import counts
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
@@ -314,3 +314,79 @@ def test_known_bad_import_is_gone(edge, request):
                             "KNOWN_CIRCLE once this passes)"))
     importer, imported = edge
     assert imported not in _import_graph()[importer]
+
+
+# -- one registry of engines -------------------------------------------------------------------
+
+
+class _InlineEngine:
+    """A whole engine: it runs the call's task in the calling thread (like serial).
+
+    The planner has prepared the operands, the job (its chunk counter) and the task;
+    an engine only decides where ``task(job, caller)`` runs.
+    """
+
+    name = "inline-example"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, job, task, workers=1, on_progress=None, timeout=None):
+        self.calls += 1
+        job.event = threading.Event()
+        task(job, True)
+        if on_progress is not None:
+            on_progress(job.done)
+
+
+@pytest.fixture
+def inline_engine():
+    from coremap import engines
+
+    # the one registry line (_config.ENGINES holds the built-in ones the same way):
+    # imported by "module:attribute" on first use
+    engines.register("inline-example", f"{__name__}:_InlineEngine")
+    try:
+        yield engines
+    finally:
+        engines.unregister("inline-example")
+
+
+def _poly(v):
+    return v * v - 2.0 * v
+
+
+def test_an_engine_is_one_class_and_one_registry_line(inline_engine):
+    x = np.linspace(-1.0, 1.0, 5000)
+    assert "inline-example" in _config.BACKENDS
+    plan = cm.explain(x, _poly, backend="inline-example")
+    assert plan.engine == "inline-example"
+    for func, kw in [(_poly, {}), (np.sin, {}), (lambda c: c * 3, {"vectorized": True}),
+                     (cm.kernels.affine(2.0, 1.0), {})]:
+        y = cm.parallel_map(x, func, backend="inline-example", **kw)
+        np.testing.assert_allclose(y, func(x))
+    assert inline_engine.get_engine("inline-example").calls == 4
+    with cm.config(backend="inline-example"):
+        np.testing.assert_allclose(cm.parallel_map(x, np.cos), np.cos(x))
+    from coremap import _info
+
+    assert "inline-example" in _info.collect()["engines"]
+
+
+def test_unknown_engine_names_list_the_registry(inline_engine):
+    with pytest.raises(ValueError, match="'inline-example'"):
+        cm.parallel_map(np.arange(3.0), np.sin, backend="nope")
+    with pytest.raises(TypeError, match="'inline-example'"):
+        cm.parallel_map(np.arange(3.0), np.sin, backend=object())
+
+
+def test_optional_engines_load_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, coremap as cm, numpy as np; cm.parallel_map(np.arange(9.0), np.sin);"
+            "print(sorted(m for m in ('coremap.engines._processes', 'coremap.engines._cluster')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]"

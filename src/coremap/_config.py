@@ -12,8 +12,18 @@ import sys
 import threading
 from collections.abc import Iterator
 
-BACKENDS = ("auto", "threads", "serial", "processes")
 SCHEDULES = ("guided", "dynamic", "static")
+
+# The engine registry: name -> "module:attribute" of a zero-argument factory of the
+# engine, imported on first use by ``coremap.engines.get_engine`` (as Numba's
+# DelayedRegistry and joblib's EXTERNAL_BACKENDS load theirs). The table lives at
+# the bottom of the import graph so that every layer can list the names; adding
+# an engine is its module plus one line here (or ``coremap.engines.register``).
+ENGINES: dict[str, object] = {
+    "serial": "coremap.engines._serial:SerialEngine",
+    "threads": "coremap.engines._threads:thread_engine",
+    "processes": "coremap.engines._processes:process_engine",
+}
 
 # Element counts, chunk lengths and indices are int64 in the runner (_runner.pyx).
 MAX_ELEMENTS = 2**63 - 1
@@ -69,12 +79,23 @@ def check_workers(value: object, name: str = "workers") -> int:
     return workers
 
 
+def backends() -> tuple[str, ...]:
+    """The backend names: ``"auto"`` and the registered engines (``ENGINES``)."""
+    return ("auto", *ENGINES)
+
+
+def __getattr__(name: str):
+    if name == "BACKENDS":  # read from the engine registry, so a new engine is listed
+        return backends()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def check_backend(backend: object) -> object:
     """A backend name must be known; other objects (cluster clients) pass through."""
-    if isinstance(backend, str) and backend not in BACKENDS:
+    if isinstance(backend, str) and backend not in backends():
         raise ValueError(
-            f"backend must be one of {', '.join(map(repr, BACKENDS))} or a cluster client, "
-            f"got {backend!r}"
+            f"backend must be one of {', '.join(map(repr, backends()))} or a cluster "
+            f"client, got {backend!r}"
         )
     return backend
 
@@ -99,8 +120,8 @@ def _from_env(key: str) -> object | None:
             ) from None
         return check_workers(value, "COREMAP_WORKERS")
     if key == "backend":
-        if raw not in BACKENDS:
-            raise ValueError(f"COREMAP_BACKEND must be one of {BACKENDS}, got {raw!r}")
+        if raw not in backends():
+            raise ValueError(f"COREMAP_BACKEND must be one of {backends()}, got {raw!r}")
         return raw
     return raw
 

@@ -60,10 +60,11 @@ def collect() -> dict:
         )
     except ImportError:
         facts["numba threading layer"] = "numba not installed"
-    engines = ["serial", "threads", "processes"]
-    engines += [f"{name} (cluster)" for name, dist in (("ipyparallel", "ipyparallel"),
-                                                       ("dask.distributed", "distributed"))
-                if _version(dist)]
+    from coremap import engines as registry
+
+    engines = list(registry.names())  # every registered engine, and the installed clusters
+    engines += [f"{'dask.distributed' if module == 'distributed' else module} (cluster)"
+                for module in registry.CLUSTER_ADAPTERS if _version(module)]
     facts["engines"] = ", ".join(engines)
     facts["worker processes"] = "fresh interpreters (subprocess), never forked"
     if os.path.isdir("/dev/shm"):

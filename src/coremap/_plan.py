@@ -477,9 +477,9 @@ def plan_call(arrays, func, **options) -> Call:
         opts = dataclasses.replace(opts, requested=out.dtype)
     adapter = None
     if not isinstance(opts.backend, str):
-        from coremap.engines import _cluster  # loaded only for a cluster client
+        from coremap import engines  # a cluster adapter is imported only for its client
 
-        adapter = _cluster.adapter_for(opts.backend)
+        adapter = engines.adapter_for(opts.backend)
     _check_arity(func, len(inputs), opts.vectorized)
 
     kind, out_dtype, why_kind, numba_error = _choose_kernel(func, inputs, opts, out)

@@ -1,5 +1,8 @@
 """Cluster engines: ``parallel_map`` on an existing ipyparallel or dask.distributed cluster.
 
+The adapters are registered in ``engines/__init__.py`` (``CLUSTER_ADAPTERS``), by
+the client's module.
+
 coremap builds no cluster of its own. The flat index range is cut into chunks;
 each chunk's inputs travel as contiguous NumPy buffers (both engines serialize
 them without pickling elements), the engine's scheduler balances the chunks
@@ -194,20 +197,6 @@ def _check_dask_security(client) -> None:
             "data travel unencrypted and unauthenticated; use a tls:// scheduler",
             CoremapWarning, stacklevel=4,
         )
-
-
-def adapter_for(backend) -> _Adapter:
-    """The adapter for a cluster client, or a TypeError that says what is accepted."""
-    module = type(backend).__module__ or ""
-    if module.startswith("ipyparallel"):
-        return _IPyParallel(backend)
-    if module.startswith("distributed"):
-        return _Dask(backend)
-    raise TypeError(
-        "backend must be 'auto', 'threads', 'processes', 'serial', an ipyparallel Client, "
-        f"DirectView or LoadBalancedView, or a dask.distributed Client (install them with "
-        f"{INSTALL}); got {type(backend).__module__}.{type(backend).__qualname__}"
-    )
 
 
 # -- running a plan ------------------------------------------------------------------------
