@@ -390,3 +390,93 @@ def test_optional_engines_load_on_first_use():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.strip() == "[]"
+
+
+# -- each element runs exactly once (hardening item 3) -----------------------------------------
+
+
+class _Counter:
+    """A function Numba cannot compile (it keeps Python state), counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def scalar(self, v):
+        with self.lock:
+            self.calls += 1
+        return v * 2.0
+
+    def chunk(self, c):
+        with self.lock:
+            self.calls += len(c)
+        return c * 2.0
+
+
+@pytest.mark.parametrize("n", [1, 100, 256, 257, 5000, 70_000])
+@pytest.mark.parametrize("vectorized", [False, True])
+@pytest.mark.parametrize("backend,schedule", [("serial", "guided"), ("threads", "guided"),
+                                              ("threads", "dynamic"), ("threads", "static"),
+                                              ("serial", "static")])
+def test_each_element_runs_exactly_once(n, vectorized, backend, schedule):
+    counter = _Counter()
+    x = np.arange(n, dtype=np.float64).reshape(-1, 10) if n % 10 == 0 else np.arange(n, 0, -1.0)
+    func = counter.chunk if vectorized else counter.scalar
+    y = cm.parallel_map(x, func, vectorized=vectorized, backend=backend, workers=2,
+                        schedule=schedule)
+    np.testing.assert_array_equal(y, x * 2.0)
+    assert counter.calls == x.size
+
+
+def test_an_error_past_the_kept_elements_is_still_raised_with_its_element():
+    def f(v):
+        if v == 300:
+            raise ZeroDivisionError("at 300")
+        return v
+
+    with pytest.raises(ZeroDivisionError, match="at 300"):
+        cm.parallel_map(np.arange(1000.0), f, backend="threads", workers=2)
+
+
+# -- built-in kernels on every numeric dtype (hardening item 19) -------------------------------
+
+NUMERIC = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+           "float16", "float32", "float64", "complex64", "complex128"]
+
+
+def _layouts(dtype):
+    rng = np.random.default_rng(7)
+    base = (rng.random((64, 50)) * 100).astype(dtype)
+    if np.dtype(dtype).kind == "c":
+        base = base + 1j * base[::-1]
+    return {"C": base, "F": np.asfortranarray(base), "strided": base[::2, ::-3],
+            "negative": base[::-1], "1-D": base.ravel()[:3001]}
+
+
+@pytest.mark.parametrize("dtype", NUMERIC)
+@pytest.mark.parametrize("a,b", [(2, 1), (3.0, -0.5)])
+def test_affine_on_every_numeric_dtype(dtype, a, b):
+    from helpers import same_bits
+
+    aff = cm.kernels.affine(a, b)
+    for name, x in _layouts(dtype).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # int overflow wraps, as NumPy's
+            expected = aff(x)
+        if expected.dtype == np.float16:  # NumPy rounds after each operation: no C kernel
+            for call in (cm.explain, cm.parallel_map):
+                with pytest.raises(TypeError, match="no built-in affine kernel for float16"):
+                    call(x, aff)
+            continue
+        assert cm.explain(x, aff).kind == "builtin"
+        for backend in ("serial", "threads"):
+            got = cm.parallel_map(x, aff, backend=backend, workers=2)
+            assert same_bits(got, expected), (name, backend)
+
+
+def test_affine_coefficient_out_of_bounds_is_refused_in_planning():
+    x = np.arange(10, dtype=np.uint8)
+    with pytest.raises(OverflowError):
+        cm.kernels.affine(-1, 0)(x)  # NumPy's own answer
+    with pytest.raises(OverflowError, match="out of bounds for the uint8"):
+        cm.explain(x, cm.kernels.affine(-1, 0))

@@ -17,6 +17,7 @@ import dataclasses
 import sys
 import time
 import weakref
+from time import perf_counter_ns
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from coremap._tasks import (
     native_kernel,
     native_task,
     note,
-    probe_dtype,
+    probe,
     python_task,
     raise_native_failure,
 )
@@ -80,8 +81,8 @@ def _prepare_views(plan, out: np.ndarray):
         if plan.kind == "builtin":
             arr = arr.astype(plan.out_dtype, copy=False)
         inputs.append(arr)
-    if plan.kind == "builtin":
-        inputs += [np.asarray(plan.func.a, plan.out_dtype), np.asarray(plan.func.b, plan.out_dtype)]
+    if plan.kind == "builtin":  # its parameters, as stride-0 operands after the inputs
+        inputs += plan.func.operands(plan.out_dtype)
     views = [_layout.iteration_view(a, plan.shape, plan.order) for a in inputs]
     out_view = _layout.iteration_view(out, plan.shape, plan.order)
     # An input that overlaps out, other than as the very same elements, is read
@@ -117,11 +118,7 @@ def execute(plan, progress: bool = False) -> np.ndarray:
         return _cluster.execute(plan, plan.adapter, plan.retries, run_cluster_chunk)
     if plan.engine == "processes" and plan.size:
         return _execute_processes(plan, progress)
-    if plan.out_dtype is None:
-        # vectorized and python kinds: the result dtype is what the function returns.
-        # The probe runs the function once on a few elements before any allocation.
-        plan.out_dtype = probe_dtype(plan.func, plan.kind, plan.func_name,
-                                     [i.is_scalar for i in plan.inputs], _probe_args(plan))
+    probed = _probe(plan) if plan.out_dtype is None else None
     target, out = _layout.allocate_output(plan)
     if plan.size == 0:
         return out
@@ -143,7 +140,7 @@ def execute(plan, progress: bool = False) -> np.ndarray:
         job.set_kernel(address, space.base_ptrs, meta, space.views)
         task = observed(native_task(), job, (address, space.base_ptrs, meta))
     else:
-        task = observed(python_task(chunk_function(plan, space, errors), errors), job)
+        task = observed(_python_task(plan, space, errors, probed), job)
 
     on_progress, bar = _progress_bar(plan, progress)
     engine = get_engine(plan.engine)
@@ -156,6 +153,76 @@ def execute(plan, progress: bool = False) -> np.ndarray:
     if target is not out:
         np.copyto(out, target, casting="same_kind")
     return out
+
+
+def _probe(plan):
+    """Run the function on the first elements to learn the result dtype (vectorized and
+    python kinds), before any allocation: ``(results, ns)`` to keep, or None."""
+    t0 = perf_counter_ns()
+    values = probe(plan.func, plan.kind, plan.func_name, [i.is_scalar for i in plan.inputs],
+                   _probe_args(plan))
+    ns = perf_counter_ns() - t0
+    plan.out_dtype = values.dtype
+    k = min(plan.size, PROBE)
+    if k == 0 or values.shape != (k,):
+        return None  # (a vectorized function of the wrong length fails in its chunk)
+    return values, ns
+
+
+def _python_task(plan, space, errors, probed):
+    """The task for a Python chunk function; with ``probed``, the probe's results are
+    kept for the first elements, so each element runs exactly once."""
+    chunk = chunk_function(plan, space, errors)
+    if probed is None:
+        return python_task(chunk, errors)
+    values, ns = probed
+    k = len(values)
+    out_grid = space.grid(len(plan.inputs))
+
+    def reuse(lo, hi):
+        if lo < k:
+            top, pos = min(hi, k), lo
+            for r0, r1, c0, c1 in space.segments(lo, top):
+                block = out_grid[r0:r1, c0:c1]
+                np.copyto(block, values[pos:pos + block.size].reshape(block.shape),
+                          casting="same_kind")
+                pos += block.size
+            lo = top
+        if lo < hi:
+            chunk(lo, hi)
+
+    task = python_task(reuse, errors)
+    if plan.schedule == "static":
+        return task  # untimed: whoever claims the first block copies the kept results
+
+    def probed_first(job, caller):
+        # Timed schedules: the caller claims the chunks the probe computed and completes
+        # them with the probe's own time, so the chunk sizes learnt next are right.
+        if caller and job.enter():
+            try:
+                _complete_probed(job, reuse, k, ns, errors)
+            finally:
+                job.leave()
+        task(job, caller)
+
+    return probed_first
+
+
+def _complete_probed(job, reuse, k: int, ns: int, errors) -> None:
+    while (claim := job.claim()) is not None:
+        lo, hi = claim
+        t0 = perf_counter_ns()
+        try:
+            reuse(lo, hi)  # copies [lo, k); computes any part beyond k
+        except BaseException as exc:
+            errors.record(exc, lo, hi)
+            job.fail(lo, hi)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return
+        job.complete(lo, hi, perf_counter_ns() - t0 + ns * (min(hi, k) - lo) // k)
+        if hi >= k:
+            return
 
 
 # On a cluster engine: function bytes digest -> function, so Numba's cache (keyed by
@@ -347,9 +414,4 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
 
 
 def _affine_scalar(aff, dtype):
-    a, b = dtype.type(aff.a), dtype.type(aff.b)
-
-    def affine(v):
-        return a * v + b
-
-    return affine
+    return aff.scalar(dtype)  # a built-in kernel's scalar form, compiled by the workers

@@ -31,7 +31,7 @@ import numpy as np
 
 from coremap import _config
 from coremap._layout import Input, memory_order, normalize_inputs
-from coremap.kernels import Affine
+from coremap.kernels import BuiltinKernel
 
 # Chunking. Guided chunks shrink from remaining/(2*workers) to MIN_CHUNK, and
 # never exceed MAX_CHUNK elements (nor, once timed, TARGET_CHUNK_NS of work:
@@ -269,10 +269,8 @@ def _resolve_kind(func, inputs, vectorized):
         return "vectorized", None, "vectorized=True: the function gets whole chunks", None
     if isinstance(func, np.ufunc):
         return _ufunc_kind(func, inputs)
-    if isinstance(func, Affine):
-        if len(inputs) != 1:
-            raise TypeError(f"affine takes one input, got {len(inputs)}")
-        dt = np.result_type(inputs[0].dtype, func.a, func.b)
+    if isinstance(func, BuiltinKernel):
+        dt = func.result_dtype(tuple(i.dtype for i in inputs))
         return "builtin", dt, "a built-in kernel, compiled at install", None
     from coremap._kernels import _numba
 
@@ -346,7 +344,7 @@ def _check_options(func, *, dtype, vectorized, backend, workers, chunk_size, sch
 
 def _check_arity(func, nin: int, vectorized: bool) -> None:
     """A Python function that cannot take ``nin`` arguments: TypeError now, not in a worker."""
-    if isinstance(func, (np.ufunc, Affine)) or hasattr(func, "nin"):
+    if isinstance(func, (np.ufunc, BuiltinKernel)) or hasattr(func, "nin"):
         return  # ufuncs (NumPy's and Numba's) and built-ins: checked with their kind
     try:
         signature = inspect.signature(func)

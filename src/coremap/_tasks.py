@@ -99,9 +99,7 @@ class Errors:
 
 def native_kernel(plan, space) -> int:
     if plan.kind == "builtin":
-        from coremap._kernels import _builtin
-
-        return _builtin.affine_address(plan.out_dtype.char)
+        return plan.func.address(plan.out_dtype)
     from coremap._kernels import _numba
 
     scalars = [i.is_scalar for i in plan.inputs]
@@ -189,16 +187,22 @@ def chunk_function(plan, space, errors: Errors):
     return run
 
 
-def probe_dtype(func, kind: str, func_name: str, scalars: list[bool], args: list) -> np.dtype:
-    """Run ``func`` on the first few elements (``args``) to learn its result dtype."""
+def probe(func, kind: str, func_name: str, scalars: list[bool], args: list) -> np.ndarray:
+    """Run ``func`` on the first few elements (``args``): their results, whose dtype is
+    the call's result dtype. The caller keeps them, so no element runs twice."""
     k = max((len(a) for a, s in zip(args, scalars) if not s), default=1)
     if kind == "vectorized":
         res = np.asarray(func(*args))
     elif k == 0:
-        return np.dtype(np.float64)  # nothing to call the function on
+        return np.empty(0, np.float64)  # nothing to call the function on
     else:
         cols = [[a] * k if s else a.tolist() for s, a in zip(scalars, args)]
         res = np.asarray([func(*row) for row in zip(*cols)])
     if res.dtype.kind not in "biufc":
         raise TypeError(f"{func_name} returned {res.dtype} values; parallel_map needs numbers")
-    return res.dtype
+    return res
+
+
+def probe_dtype(func, kind: str, func_name: str, scalars: list[bool], args: list) -> np.dtype:
+    """Run ``func`` on the first few elements (``args``) to learn its result dtype."""
+    return probe(func, kind, func_name, scalars, args).dtype
