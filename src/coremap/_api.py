@@ -232,30 +232,34 @@ def parallel_map(
     key = items = None
     if all_default(out=out, dtype=dtype, vectorized=vectorized, backend=backend,
                    workers=workers, chunk_size=chunk_size, schedule=schedule,
-                   progress=progress, timeout=timeout, retries=retries):
-        # the fast path: a repeated call with every option at its default
+                   progress=progress, timeout=timeout, retries=retries):  # fast path
         entry, items, key = _fastpath.lookup(arrays, func)
         if entry is not None:
             result = _fastpath.run(entry, func, items)
             if result is not None:
                 return result
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {progress!r}")
     options = dict(dtype=dtype, vectorized=vectorized, backend=backend, workers=workers,
                    chunk_size=chunk_size, schedule=schedule, timeout=timeout, retries=retries)
+    return _full_path(arrays, func, out, progress, options, key, items)
+
+
+def _full_path(arrays, func, out, progress, options, key, items):
+    """``parallel_map`` past the fast path: containers, several outputs, then plan and run."""
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
     container = _containers.find(arrays if isinstance(arrays, tuple) else (arrays,))
     if container is not None:  # pandas, xarray, masked or dask in: the same kind out
         return _map_container(container, arrays, func, out, progress, options)
-    if _multi.wants_several(func, out, dtype):  # tuple out=/dtype=, a ufunc with nout > 1
+    if _multi.wants_several(func, out, options["dtype"]):  # tuple out=/dtype=, nout > 1
         return _multi.parallel_map_several(arrays, func, out=out, progress=progress, **options)
     try:
         call = plan_call(arrays, func, out=out, **options)
     except TypeError:
-        if not _multi.returns_tuple(arrays, func, vectorized):
+        if not _multi.returns_tuple(arrays, func, options["vectorized"]):
             raise
         return _multi.parallel_map_several(arrays, func, out=out, progress=progress, **options)
     if call.warning:
-        warnings.warn(call.warning, CoremapWarning, stacklevel=2)
+        warnings.warn(call.warning, CoremapWarning, stacklevel=3)
     result = execute(call, progress=progress)
     if key is not None:
         _fastpath.remember(key, call, items)

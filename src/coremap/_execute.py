@@ -22,6 +22,7 @@ from time import perf_counter_ns
 import numpy as np
 
 from coremap import _layout
+from coremap._functions import FunctionCache
 from coremap._insights import observed
 from coremap._kernels import _runner
 from coremap._tasks import (
@@ -225,23 +226,15 @@ def _complete_probed(job, reuse, k: int, ns: int, errors) -> None:
             return
 
 
-# On a cluster engine: function bytes digest -> function, so Numba's cache (keyed by
-# the function object) is hit by every later chunk of the same function.
-_CLUSTER_FUNCS: dict = {}
+# On a cluster engine: the functions its chunks run, unpickled once per digest.
+_CLUSTER_FUNCS = FunctionCache()
 
 
 def run_cluster_chunk(func_bytes: bytes, key: str, kind: str, args: list, out_dtype):
     """Runs on a cluster engine: one chunk through the serial engine."""
-    import cloudpickle
-
     from coremap._plan import plan_call
 
-    func = _CLUSTER_FUNCS.get(key)
-    if func is None:
-        func = cloudpickle.loads(func_bytes)
-        if len(_CLUSTER_FUNCS) > 64:
-            _CLUSTER_FUNCS.clear()
-        _CLUSTER_FUNCS[key] = func
+    func = _CLUSTER_FUNCS.load(func_bytes, key)
     arrays = tuple(args) if len(args) > 1 else args[0]
     return execute(plan_call(arrays, func, vectorized=kind == "vectorized", dtype=out_dtype,
                              backend="serial"))

@@ -24,7 +24,6 @@ neither ipyparallel nor dask.
 from __future__ import annotations
 
 import functools
-import hashlib
 import ipaddress
 import sys
 import warnings
@@ -32,6 +31,7 @@ import warnings
 import numpy as np
 
 from coremap._errors import CoremapWarning, WorkerCrashedError
+from coremap._functions import digest
 
 INSTALL = 'pip install "coremap[cluster]"'
 CHUNKS_PER_ENGINE = 4
@@ -210,7 +210,7 @@ def execute(plan, adapter: _Adapter, retries: int, run_chunk) -> np.ndarray:
     from coremap import _layout
 
     func_bytes = pickle_function(plan.func)
-    key = hashlib.blake2b(func_bytes, digest_size=16).hexdigest()
+    key = digest(func_bytes)  # engines unpickle each function once per key
     n = plan.size
     count = max(1, min(n, adapter.engines() * CHUNKS_PER_ENGINE))
     bounds = np.linspace(0, n, count + 1).astype(np.int64)
