@@ -196,8 +196,12 @@ def parallel_map(
         Show a tqdm progress bar.
     timeout : float, optional
         Seconds the call may take. On ``"processes"`` the workers still computing
-        are killed (and replaced); on ``"threads"`` the call stops waiting and
-        cancels the remaining chunks. Raises ``TimeoutError`` naming the chunk.
+        are killed (and replaced); on ``"threads"`` the remaining chunks are
+        cancelled and ``TimeoutError`` is raised once no thread of the call can
+        write into the output any more: a compiled kernel stops within one piece
+        of a chunk (milliseconds) and is waited for; a Python or vectorized
+        function, which cannot be stopped inside a chunk, writes into a private
+        buffer that is copied into ``out`` only on success.
 
     retries : int
         On a cluster backend, re-run a failed chunk up to this many times (on

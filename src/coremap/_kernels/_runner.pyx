@@ -222,8 +222,8 @@ cdef int64_t ctx_pieces(Ctx *c, int64_t pos, int64_t hi, int64_t until, double *
     while pos < hi and cm_load(&c.st.cancel) == 0:
         if per[0] > 0:
             size = <int64_t>(c.piece_ns / per[0])
-            if size > 2 * last[0]:
-                size = 2 * last[0]
+            if size > 2 * last[0] and size > FIRST_PIECE:  # grow at most 2x a piece
+                size = FIRST_PIECE if 2 * last[0] < FIRST_PIECE else 2 * last[0]
         else:
             size = FIRST_PIECE if last[0] == 0 else 2 * last[0]
         if size < 1:
