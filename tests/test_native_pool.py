@@ -81,7 +81,7 @@ def test_cancel_stops_helpers_before_run_native_returns():
 
 @pytest.mark.parametrize("schedule", ["guided", "dynamic", "static"])
 def test_workers_above_core_count(schedule):
-    workers = 4 * cm._config.usable_cores() + 1
+    workers = cm._config.usable_cores() + 3  # (the suite's guard bounds the pool at 64)
     x = np.random.default_rng(1).random(300_000)
     want = cm.parallel_map(x, spin, backend="serial")
     got = cm.parallel_map(x, spin, workers=workers, schedule=schedule, backend="threads")
