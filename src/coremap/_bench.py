@@ -583,6 +583,10 @@ def print_scaling(rows: list[Row], file=None) -> None:
         by = {r.contender: r for r in rows if r.workload == size}
         cells = [f"{by[c].speedup:>12.2f}x" if c in by else f"{'':>13}" for c in names]
         print(f"{size.split()[1]:>8} " + " ".join(cells), file=file)
+    from coremap._kernels import _runner
+
+    print(f"native pool wake-up (post to first helper inside), moving estimate: "
+          f"{_runner.pool_wake_ns() / 1e3:.1f} us", file=file)
     file.flush()
 
 

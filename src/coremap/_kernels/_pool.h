@@ -62,6 +62,7 @@ typedef struct {
     int64_t nthreads;           /* started workers */
     int64_t stop;               /* ask workers to exit (atomic) */
     int64_t wake_ns;            /* moving estimate of post -> first helper inside */
+    int64_t last_wake_ns;       /* the latest such sample */
     pid_t pid;                  /* process that started the threads */
     cm_job *head;
     pthread_t threads[CM_POOL_MAX];
@@ -120,6 +121,7 @@ static cm_job *cm_pool_take(void) {
             if (cm_fetch_add(&j->inside, 1) == 0 && j->posted_at > 0) {
                 int64_t w = cm_now_ns() - j->posted_at;
                 cm_pool.wake_ns = (7 * cm_pool.wake_ns + w) / 8;
+                cm_pool.last_wake_ns = w;
                 j->posted_at = 0;
             }
             return j;
@@ -271,6 +273,7 @@ static inline int64_t cm_pool_size(void) {
 static inline int cm_pool_in_worker(void) { return cm_pool_thread; }
 
 static inline int64_t cm_pool_wake_ns(void) { return cm_pool_ready ? cm_pool.wake_ns : 0; }
+static inline int64_t cm_pool_last_wake_ns(void) { return cm_pool_ready ? cm_pool.last_wake_ns : 0; }
 
 /* Stop and join every worker (they are started again on the next call). Called
  * with no job posted by this thread; jobs of other callers finish without help. */

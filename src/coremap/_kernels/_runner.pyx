@@ -71,6 +71,7 @@ cdef extern from "_pool.h" nogil:
     bint cm_pool_wait_idle(cm_job *job, int64_t limit_ns)
     int64_t cm_pool_size()
     int64_t cm_pool_wake_ns()
+    int64_t cm_pool_last_wake_ns()
     bint cm_pool_in_worker()
     void cm_pool_shutdown()
     int CM_POOL_MAX
@@ -575,9 +576,10 @@ def pool_size():
     return cm_pool_size()
 
 
-def pool_wake_ns():
-    """Moving estimate of the time from a post to the first helper inside the job (ns)."""
-    return cm_pool_wake_ns()
+def pool_wake_ns(bint last=False):
+    """Time from a post to the first helper inside the job (ns): a moving estimate,
+    or with ``last`` the latest sample (``coremap bench`` reports it)."""
+    return cm_pool_last_wake_ns() if last else cm_pool_wake_ns()
 
 
 def in_pool_worker():
