@@ -346,6 +346,9 @@ def _projection(func, k: int, nin: int, vectorized: bool):
     exec(f"def part{k}({args}):\n    return f({args})[{k}]\n", ns)  # generated source
     fn = ns[f"part{k}"]
     fn.__qualname__ = fn.__name__ = f"{_name(func)}[{k}]"
+    # f's module: a cluster adapter then sends f by value where f's module is not
+    # importable on the engines (a script, a test module), as it does for f itself
+    fn.__module__ = getattr(func, "__module__", None)
     return fn
 
 
