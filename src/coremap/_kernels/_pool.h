@@ -120,8 +120,12 @@ static cm_job *cm_pool_take(void) {
             j->seats--;
             if (cm_fetch_add(&j->inside, 1) == 0 && j->posted_at > 0) {
                 int64_t w = cm_now_ns() - j->posted_at;
-                cm_pool.wake_ns = (7 * cm_pool.wake_ns + w) / 8;
                 cm_pool.last_wake_ns = w;
+                /* One stall (a descheduled worker on a busy machine) must not
+                 * dominate the estimate: a sample counts for at most 4x it. */
+                if (w > 4 * cm_pool.wake_ns + 1000)
+                    w = 4 * cm_pool.wake_ns + 1000;
+                cm_pool.wake_ns = (7 * cm_pool.wake_ns + w) / 8;
                 j->posted_at = 0;
             }
             return j;
