@@ -503,9 +503,7 @@ def test_function_cache_unpickles_each_function_once_and_stays_bounded():
 
 # -- no function over 100 lines ----------------------------------------------------------------
 
-KNOWN_LONG = {
-    "coremap._reduce.parallel_reduce": "its validation is being split out of the function",
-}
+KNOWN_LONG: dict = {}
 
 
 def _long_functions(limit: int = 100) -> dict:

@@ -596,11 +596,9 @@ def parallel_reduce(
 ) -> Any:
     """Reduce ``func(arrays)`` with ``op`` on every core, without storing ``func(arrays)``.
 
-    The result depends only on the inputs: it is bit for bit the same for any
-    ``workers``, ``chunk_size``, ``schedule`` and engine. Elements are cut into
-    fixed blocks of ``BLOCK`` (4,096) along the reduced axes, each block gives a
-    partial, and the partials are combined in a fixed pairwise tree, so ``sum``
-    is at least as accurate as NumPy's pairwise summation.
+    Bit for bit the same for any ``workers``, ``chunk_size``, ``schedule`` and
+    engine: fixed blocks of ``BLOCK`` (4,096) elements along the reduced axes give
+    partials, combined in a fixed pairwise tree (``sum`` as accurate as NumPy's).
 
     Parameters
     ----------
@@ -630,11 +628,8 @@ def parallel_reduce(
         Keep the reduced axes with length one.
     initial : scalar, optional
         The starting value (``sum``, ``prod``, ``min``, ``max``, ufunc ops).
-    vectorized : bool
-        ``func`` takes and returns 1-D chunks (as in ``parallel_map``).
-    backend, workers, chunk_size, schedule, progress, timeout, retries
-        As in :func:`parallel_map`. ``chunk_size`` counts elements; claims are
-        rounded to whole blocks.
+    vectorized, backend, workers, chunk_size, schedule, progress, timeout, retries
+        As in :func:`parallel_map` (``chunk_size`` rounded to whole blocks).
 
     Returns
     -------
@@ -650,13 +645,10 @@ def parallel_reduce(
 
     Notes
     -----
-    A scalar function Numba compiles, ``func=None`` and built-in kernels run
-    fused: each block is mapped and folded by one compiled kernel on the serial
-    or thread engine, and nothing the size of the input is allocated (inputs
-    broadcast along a reduced axis next to another axis are copied first). Other
-    functions, ``backend="processes"`` and cluster clients map one slab of
-    ``SLAB_BLOCKS`` blocks at a time with :func:`parallel_map` and fold the
-    slab's blocks in the calling thread with the same kernel, so the bits agree.
+    Compiled functions, ``func=None`` and built-in kernels run fused on the serial
+    or thread engine (one kernel maps and folds each block; no array of ``f(x)``).
+    Other functions, processes and clusters map ``SLAB_BLOCKS`` blocks at a time
+    with :func:`parallel_map`, folded here by the same kernel: the same bits.
 
     Examples
     --------
