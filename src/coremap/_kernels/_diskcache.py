@@ -231,12 +231,15 @@ def _classes():
     return KeyedCache
 
 
-def _enable(target, py_func, key: str, module: str) -> bool:
+def _enable(target, py_func, key: str, module: str | None = None) -> bool:
     try:
         setattr(py_func, _KEY_ATTR, key)
-        # Numba's cached environment names the module of the function's globals and
-        # imports it on load: generated and rebuilt functions have no __name__ there.
-        py_func.__globals__.setdefault("__name__", module)
+        if module is not None:
+            # Numba's cached environment of a cfunc names the module of its globals
+            # and imports it on load; a generated kernel's namespace has none. (Not
+            # for the user's rebuilt functions: they travel to workers and cluster
+            # engines, which may not be able to import the user's module.)
+            py_func.__globals__.setdefault("__name__", module)
         target._cache = _classes()(py_func)
     except Exception:  # noqa: BLE001 - an unusable directory: compile in memory
         return False
@@ -249,7 +252,7 @@ def attach(dispatcher, func) -> None:
     if directory() is None:
         return
     key = key_of_function(func)
-    if key is not None and _enable(dispatcher, dispatcher.py_func, key, func.__module__):
+    if key is not None and _enable(dispatcher, dispatcher.py_func, key):
         _keys[dispatcher] = key
 
 
