@@ -543,3 +543,17 @@ def test_warnings_point_at_the_callers_line():
     with pytest.warns(cm.CoremapWarning) as record:
         cm.parallel_map(np.arange(3.0), dec, workers=1)
     assert record[0].filename == __file__
+
+
+def test_operands_that_need_a_third_dimension_are_copied_once_for_every_engine():
+    from coremap import _layout
+
+    base = np.arange(6 * 7 * 8, dtype=np.float64).reshape(6, 7, 8)
+    x = base[::2, :, ::3]  # strided in two dimensions: no 2-D form
+    views = [_layout.iteration_view(x, x.shape, "C"), np.empty(x.shape)]
+    assert _layout.build_space(views) is None
+    space, copied = _layout.space_copying(views)
+    assert space is not None and copied[0].flags.c_contiguous and copied[1] is views[1]
+    for backend in ("serial", "threads"):
+        for func in (np.sqrt, cm.kernels.affine(2.0, 1.0), lambda v: v * 0.5):
+            np.testing.assert_allclose(cm.parallel_map(x, func, backend=backend), func(x))

@@ -91,12 +91,7 @@ def _prepare_views(plan, out: np.ndarray):
     for k, (a, v) in enumerate(zip(inputs, views)):
         if a.size > 1 and np.may_share_memory(a, out) and not _layout.same_elements(v, out_view):
             views[k] = _layout.iteration_view(a.copy(), plan.shape, plan.order)
-    all_views = [*views, out_view]
-    space = _layout.build_space(all_views)
-    if space is None:  # needs a third dimension: copy the strided inputs
-        for k in _layout.bad_operands(all_views):
-            all_views[k] = np.ascontiguousarray(all_views[k])
-        space = _layout.build_space(all_views)
+    space, _ = _layout.space_copying([*views, out_view])
     return space  # None if out itself is the obstacle
 
 

@@ -235,6 +235,23 @@ def bad_operands(views: list[np.ndarray]) -> list[int]:
     return [k for k, v in enumerate(views[:-1]) if not v.flags.c_contiguous]
 
 
+def space_copying(views: list[np.ndarray]) -> tuple[Space | None, list[np.ndarray]]:
+    """The space of ``views`` (the inputs, then the output), copying to C-contiguous
+    memory the inputs that would need a third dimension: ``(space, views)``.
+
+    ``space`` is None only when the output itself is the obstacle (the caller then
+    computes into a temporary and copies back). Every engine's operands go
+    through here.
+    """
+    space = build_space(views)
+    if space is None:
+        views = list(views)
+        for k in bad_operands(views):
+            views[k] = np.ascontiguousarray(views[k])
+        space = build_space(views)
+    return space, views
+
+
 def same_elements(a: np.ndarray, b: np.ndarray) -> bool:
     """True when ``a`` and ``b`` view the very same elements in the same order."""
     return (

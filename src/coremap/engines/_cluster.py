@@ -222,10 +222,7 @@ def execute(plan, adapter: _Adapter, retries: int, run_chunk) -> np.ndarray:
 
     views = [it(_layout.native(i.array)) for i in plan.inputs]
     dummy = it(np.empty(plan.shape, np.int8, order=plan.order))
-    space = _layout.build_space([*views, dummy])
-    if space is None:
-        views = [np.ascontiguousarray(v) for v in views]
-        space = _layout.build_space([*views, dummy])
+    space, _ = _layout.space_copying([*views, dummy])
 
     def chunk_args(lo, hi):
         args = []
