@@ -42,6 +42,14 @@ def test_running_a_call_leaves_its_plan_alone():
     assert dataclasses.asdict(call.plan) == before and call.plan.out_dtype is None
 
 
+def test_a_call_carries_every_field_of_its_plan():
+    x = np.arange(12.0).reshape(3, 4)
+    call = _plan.plan_call((x, 2.0), np.power, workers=2, schedule="dynamic")
+    for field in dataclasses.fields(cm.Plan):
+        if field.name != "reasons":
+            assert getattr(call, field.name) == getattr(call.plan, field.name), field.name
+
+
 # -- the fast path's condition comes from one table -----------------------------------------
 
 

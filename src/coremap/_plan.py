@@ -210,13 +210,10 @@ class Call:
     @classmethod
     def of(cls, plan: Plan, func, inputs, out, timeout, retries, adapter) -> Call:
         """The call that runs ``plan``."""
-        fields = {name: getattr(plan, name) for name in _PLAN_FIELDS}
-        return cls(plan=plan, func=func, inputs=inputs, out=out, timeout=timeout,
-                   retries=retries, adapter=adapter, **fields)
-
-
-_PLAN_FIELDS = ("engine", "kind", "func_name", "shape", "size", "in_dtypes", "out_dtype",
-                "order", "workers", "schedule", "chunk", "max_chunk", "warning")
+        p = plan  # positional: this runs on every call that is planned
+        return cls(p, p.engine, p.kind, p.func_name, p.shape, p.size, p.in_dtypes,
+                   p.out_dtype, p.order, p.workers, p.schedule, p.chunk, p.max_chunk,
+                   p.warning, func, inputs, out, timeout, retries, adapter)
 
 
 def _func_name(func: object) -> str:
