@@ -195,14 +195,11 @@ def parallel_map(
     progress : bool
         Show a tqdm progress bar.
     timeout : float, optional
-        Seconds the call may take. On ``"processes"`` the workers still computing
-        are killed (and replaced); on ``"threads"`` the remaining chunks are
-        cancelled and ``TimeoutError`` is raised once no thread of the call can
-        write into the output any more: a compiled kernel stops within one piece
-        of a chunk (milliseconds) and is waited for; a Python or vectorized
-        function, which cannot be stopped inside a chunk, writes into a private
-        buffer that is copied into ``out`` only on success.
-
+        Seconds the call may take, then ``TimeoutError``. On ``"processes"`` the
+        workers still computing are killed (and replaced); on ``"threads"`` nothing
+        of the call writes into the output after it raises (a compiled kernel stops
+        within milliseconds and is waited for; a Python or vectorized function
+        writes into a private buffer, copied into ``out`` only on success).
     retries : int
         On a cluster backend, re-run a failed chunk up to this many times (on
         another engine where the cluster allows).
