@@ -48,7 +48,7 @@ def rc():
 @pytest.fixture(scope="module")
 def dask_client():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as lc, \
+                                  dashboard_address=":0") as lc, \
             distributed.Client(lc) as client:
         pids = list(client.run(os.getpid).values())
         yield client

@@ -4,6 +4,7 @@ engines -> transport and kernels) with no circle."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import multiprocessing
 import threading
@@ -434,6 +435,32 @@ def test_each_element_runs_exactly_once(n, vectorized, backend, schedule):
                         schedule=schedule)
     np.testing.assert_array_equal(y, x * 2.0)
     assert counter.calls == x.size
+
+
+def _count_in_file(path, v):
+    # The process engine's workers are other processes: count calls in a file they append to.
+    with open(path, "a") as f:
+        f.write("x")
+    return v * 2.0
+
+
+def _count_chunk_in_file(path, c):
+    with open(path, "a") as f:
+        f.write("x" * len(c))
+    return c * 2.0
+
+
+@pytest.mark.parametrize("vectorized", [False, True])
+@pytest.mark.parametrize("n", [100, 5000])
+def test_each_element_runs_exactly_once_on_processes(tmp_path, n, vectorized):
+    path = str(tmp_path / "calls")
+    body = _count_chunk_in_file if vectorized else _count_in_file
+    func = functools.partial(body, path)  # a new function each test: the dtype is probed
+    x = np.arange(n, dtype=np.float64)
+    y = cm.parallel_map(x, func, vectorized=vectorized, backend="processes", workers=2)
+    np.testing.assert_array_equal(y, x * 2.0)
+    with open(path) as f:
+        assert len(f.read()) == n
 
 
 def test_an_error_past_the_kept_elements_is_still_raised_with_its_element():

@@ -177,13 +177,8 @@ def _python_task(plan, space, errors, probed):
 
     def reuse(lo, hi):
         if lo < k:
-            top, pos = min(hi, k), lo
-            for r0, r1, c0, c1 in space.segments(lo, top):
-                block = out_grid[r0:r1, c0:c1]
-                np.copyto(block, values[pos:pos + block.size].reshape(block.shape),
-                          casting="same_kind")
-                pos += block.size
-            lo = top
+            _store_kept(space, out_grid, values, lo, min(hi, k))
+            lo = min(hi, k)
         if lo < hi:
             chunk(lo, hi)
 
@@ -330,14 +325,18 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
         ) from exc
     engine = process_engine()
     with engine._lock:
+        probed = None  # the probe's results, kept so those elements run only once
         if plan.out_dtype is None:
             plan.out_dtype = _probed_dtype(plan)
         if plan.out_dtype is None:  # probed in a worker: the parent never runs user code
             t0 = time.monotonic()
-            plan.out_dtype = engine.probe(ProbeSpec(
+            probed = engine.probe(ProbeSpec(
                 task_id=-1, func=func_bytes, kind=kind, func_name=plan.func_name,
                 scalars=[i.is_scalar for i in plan.inputs], args=_probe_args(plan),
             ), plan.shape, plan.order, plan.timeout)
+            plan.out_dtype = probed.dtype
+            if probed.shape != (min(plan.size, PROBE),):
+                probed = None  # (a vectorized function of the wrong length fails in its chunk)
             if plan.timeout is not None:
                 plan = dataclasses.replace(
                     plan, timeout=max(1e-3, plan.timeout - (time.monotonic() - t0)))
@@ -357,6 +356,8 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
         if space is None:
             target, _ = engine.segment_array(plan.shape, plan.out_dtype, order=plan.order)
             space = _prepare_views(plan, target)
+        if probed is not None:
+            _store_kept(space, space.grid(len(plan.inputs)), probed, 0, len(probed))
         views = list(space.views)
         segs = []
         for k, v in enumerate(views):
@@ -388,7 +389,7 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
             shape=plan.shape, order=plan.order, inputs=light, in_dtypes=plan.in_dtypes,
             out_dtype=plan.out_dtype,
             views=[None if s is None else _describe(v, s) for v, s in zip(views, segs)],
-            job=job, ctrl=None, keep=frozenset(),
+            job=job, ctrl=None, keep=frozenset(), skip=0 if probed is None else len(probed),
         )
         on_progress, bar = _progress_bar(plan, progress)
         try:
@@ -399,6 +400,16 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
         if target is not out:
             np.copyto(out, target, casting="same_kind")
         return out
+
+
+def _store_kept(space, out_grid, values: np.ndarray, lo: int, hi: int) -> None:
+    """Write the kept probe results ``values[lo:hi]`` into elements ``[lo, hi)`` of the
+    output (``out_grid``, the output's grid in ``space``), in iteration order."""
+    pos = lo
+    for r0, r1, c0, c1 in space.segments(lo, hi):
+        block = out_grid[r0:r1, c0:c1]
+        np.copyto(block, values[pos:pos + block.size].reshape(block.shape), casting="same_kind")
+        pos += block.size
 
 
 def _affine_scalar(aff, dtype):

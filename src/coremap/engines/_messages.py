@@ -91,6 +91,7 @@ class CallSpec(NamedTuple):
     job: JobParams
     ctrl: CtrlDesc
     keep: frozenset  # pooled segment names the worker keeps mapped
+    skip: int = 0  # elements [0, skip) were computed by the probe: the parent wrote them
 
 
 class ProbeSpec(NamedTuple):

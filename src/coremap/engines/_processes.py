@@ -425,7 +425,7 @@ class ProcessEngine:
             raise error from exc
 
     def probe(self, spec: ProbeSpec, shape, order, timeout=None) -> object:
-        """Run the dtype probe in a worker; return the dtype or raise its error."""
+        """Run the probe in a worker; return its results (an array) or raise its error."""
         with self._lock:
             w = self._ensure(1)[0]
             spec = spec._replace(task_id=next(self._ids))

@@ -180,17 +180,19 @@ def _initialize(conn, spec: InitSpec) -> bool:
 
 
 def probe(spec: ProbeSpec) -> Reply:
-    """Learn the result dtype on the first elements, here rather than in the parent."""
+    """Run the function on the first elements, here rather than in the parent; the reply
+    carries the results (a few hundred at most), which the parent keeps, so these
+    elements are not computed again."""
     import cloudpickle
 
     from coremap import _tasks
 
     func = cloudpickle.loads(spec.func)
     try:
-        dtype = _tasks.probe_dtype(func, spec.kind, spec.func_name, spec.scalars, spec.args)
+        values = _tasks.probe(func, spec.kind, spec.func_name, spec.scalars, spec.args)
     except BaseException as exc:
         return _report(exc, spec.task_id, 0, len(spec.args[0]) if spec.args else 1)
-    return Reply(PROBED, spec.task_id, dtype)
+    return Reply(PROBED, spec.task_id, values)
 
 
 def run_call(spec: CallSpec, funcs: dict, segments: dict) -> Reply:
@@ -229,11 +231,24 @@ def run_call(spec: CallSpec, funcs: dict, segments: dict) -> Reply:
             except BaseException as exc:
                 return _report(exc, call_id, *failed)
         return Reply(DONE, call_id)
-    _tasks.python_task(_tasks.chunk_function(call, space, errors), errors)(job, False)
+    chunk = _tasks.chunk_function(call, space, errors)
+    if spec.skip:  # the parent already holds the probe's results for [0, skip)
+        chunk = _skipping(chunk, spec.skip)
+    _tasks.python_task(chunk, errors)(job, False)
     if errors.first is not None:
         exc, lo, hi = errors.first
         return _report(exc, call_id, lo, hi)
     return Reply(DONE, call_id)
+
+
+def _skipping(chunk, skip: int):
+    """``chunk`` over ``[lo, hi)`` minus the first ``skip`` elements of the call."""
+    def run(lo, hi):
+        lo = max(lo, skip)
+        if lo < hi:
+            chunk(lo, hi)
+
+    return run
 
 
 def bootstrap(fd: int, parent_pid: int) -> None:
