@@ -344,3 +344,22 @@ def test_a_changed_global_is_seen_as_parallel_map_sees_it():
         assert cm.parallel_reduce(x, scaled) == 60000.0
     finally:
         SCALE = 2.0
+
+
+def test_compiled_reduce_and_several_outputs_get_native_pool_helpers(monkeypatch):
+    """The fused kernels run as the engine's native task, so pool helpers join them
+    (a task the engine does not recognise runs on the caller alone on guided chunks)."""
+    from coremap.engines import _threads
+
+    seen = []
+    run = _threads.ThreadEngine.run
+
+    def spy(self, job, task, workers, **kw):
+        seen.append(getattr(task, "native", False))
+        return run(self, job, task, workers, **kw)
+
+    monkeypatch.setattr(_threads.ThreadEngine, "run", spy)
+    x = np.linspace(0.0, 1.0, 100_000)
+    cm.parallel_reduce(x, lambda v: v * v, op="sum", workers=2, backend="threads")
+    cm.parallel_map(x, lambda v: (v + 1.0, v - 1.0), workers=2, backend="threads")
+    assert seen == [True, True]

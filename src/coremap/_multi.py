@@ -23,6 +23,7 @@ import numpy as np
 
 from coremap import _config, _layout
 from coremap._kernels import _runner
+from coremap._tasks import native_task
 
 # Chunking as parallel_map's (_plan.py names the measurements).
 MIN_CHUNK_NATIVE, MAX_CHUNK_NATIVE = 1_024, 1 << 16
@@ -251,22 +252,6 @@ def _job(size, kind, workers, schedule, chunk_size):
                        target_ns=TARGET_CHUNK_NS if timed else 0,
                        first_chunk=min(chunk, 1_024) if timed else 0,
                        escalate_ns=ESCALATE_NS, floor_ns=FLOOR_CHUNK_NS if timed else 0)
-
-
-def native_task():
-    """The engine task for a native kernel: claim ranges and run it in Cython, no GIL.
-
-    (Shared with parallel_reduce, whose block kernels follow the same convention.)
-    """
-    from coremap._kernels._numba import kernel_scope
-
-    main = threading.current_thread() is threading.main_thread()
-
-    def task(job, caller):
-        with kernel_scope():  # only the main thread takes Ctrl-C between claims
-            job.run_native(check_signals=caller and main)
-
-    return task
 
 
 def _python_task(chunk, errors):

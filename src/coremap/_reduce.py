@@ -357,7 +357,7 @@ def _partials(M: int, nb: int, acc: np.dtype, is_arg: bool):
 def _run_compiled(call, kfunc, kop, map_dtype, acc, engine_name, opts, bar):
     """The compiled path: one fused block kernel over every block, on an engine."""
     from coremap._kernels import _reducers
-    from coremap._multi import native_task
+    from coremap._tasks import native_task
     from coremap.engines import get_engine
 
     red = call.order_reduced()
