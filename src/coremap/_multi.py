@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import math
 import threading
-from time import perf_counter_ns
 
 import numpy as np
 
 from coremap import _config, _layout
 from coremap._kernels import _runner
-from coremap._tasks import native_task
+from coremap._tasks import Errors, native_task, python_task
 
 # Chunking as parallel_map's (_plan.py names the measurements).
 MIN_CHUNK_NATIVE, MAX_CHUNK_NATIVE = 1_024, 1 << 16
@@ -254,29 +253,6 @@ def _job(size, kind, workers, schedule, chunk_size):
                        escalate_ns=ESCALATE_NS, floor_ns=FLOOR_CHUNK_NS if timed else 0)
 
 
-def _python_task(chunk, errors):
-    def task(job, caller):
-        if not job.enter():
-            return
-        try:
-            while (claim := job.claim()) is not None:
-                lo, hi = claim
-                t0 = perf_counter_ns()
-                try:
-                    chunk(lo, hi)
-                except BaseException as exc:
-                    errors.append(exc)
-                    job.fail(lo, hi)
-                    if caller and isinstance(exc, KeyboardInterrupt):
-                        raise
-                    return
-                job.complete(lo, hi, perf_counter_ns() - t0)
-        finally:
-            job.leave()
-
-    return task
-
-
 def _run_here(kind, func, inputs, shape, targets, engine_name, opts):
     """One pass on the serial or thread engine, every output written by the same chunk."""
     from coremap.engines import get_engine
@@ -287,7 +263,7 @@ def _run_here(kind, func, inputs, shape, targets, engine_name, opts):
     space = _space(inputs, shape, targets)
     workers = 1 if engine_name == "serial" else opts["workers"]
     job = _job(size, kind, workers, opts["schedule"], opts["chunk_size"])
-    errors: list = []
+    errors = Errors()
     if kind == "numba":
         classes = space.classes([i.is_scalar for i in inputs])
         address = _kernel_address(func, tuple(i.dtype for i in inputs),
@@ -295,10 +271,10 @@ def _run_here(kind, func, inputs, shape, targets, engine_name, opts):
         job.set_kernel(address, space.base_ptrs, space.meta(), space.views)
         task = native_task()
     else:
-        task = _python_task(_chunk_function(kind, func, inputs, space, len(targets)), errors)
+        task = python_task(_chunk_function(kind, func, inputs, space, len(targets)), errors)
     get_engine(engine_name).run(job, task, workers, on_progress=None, timeout=opts["timeout"])
-    if errors:
-        raise errors[0]
+    if errors.first is not None:
+        raise errors.first[0]
     failed = job.failed_chunk
     if failed is not None:
         _raise_element(func, inputs, space, *failed)
