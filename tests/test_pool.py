@@ -321,6 +321,69 @@ def test_worker_killed_during_map_raises_instead_of_hanging():
         assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
 
 
+def test_stopped_worker_is_a_crash_and_replaced():
+    """Item 9: a worker SIGSTOPped while it runs a task would hang that task (as in
+    multiprocessing and loky): it is a WorkerCrashedError once stopped for
+    STOPPED_GRACE, the worker is killed and replaced, and the pool goes on."""
+    from coremap.engines._processes import STOPPED_GRACE
+
+    with cm.Pool(2) as pool:
+        proc = pool._pool[0]
+        victim = proc.pid
+        started = pool.apply_async(slow, (0.2,))  # both workers warm and idle
+        assert started.get(10) == 0.2
+        pending = [pool.apply_async(slow, (0.5,)) for _ in range(2)]
+        time.sleep(0.1)  # each worker holds one of them
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            t = time.perf_counter()
+            outcomes = []
+            for r in pending:
+                try:
+                    outcomes.append(r.get(STOPPED_GRACE + 6.0))
+                except cm.WorkerCrashedError as exc:
+                    outcomes.append(exc)
+            assert time.perf_counter() - t < STOPPED_GRACE + 6.0
+            crashes = [o for o in outcomes if isinstance(o, cm.WorkerCrashedError)]
+            assert len(crashes) == 1 and 0.5 in outcomes
+            assert crashes[0].pid == victim and "stopped" in str(crashes[0])
+            deadline = time.monotonic() + 5.0
+            while victim in [p.pid for p in pool._pool] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert victim not in [p.pid for p in pool._pool]
+        finally:
+            if proc.is_alive():  # never leave it behind, stopped (poll: never a reused pid)
+                os.kill(victim, signal.SIGCONT)
+                proc.kill()
+                proc.join(5)
+        assert pool.map(square, range(5), chunksize=1) == [0, 1, 4, 9, 16]
+        assert len(pool._pool) == 2
+
+
+def test_stopped_idle_worker_gets_no_task_and_is_replaced():
+    """A worker stopped while idle: tasks go to the others (none fails), and it is
+    replaced once stopped for STOPPED_GRACE."""
+    from coremap.engines._processes import STOPPED_GRACE
+
+    with cm.Pool(2) as pool:
+        proc = pool._pool[0]
+        assert pool.map(square, range(4), chunksize=1) == [0, 1, 4, 9]
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.2)  # the handler checks twice a second
+            assert pool.map(square, range(6), chunksize=1) == [0, 1, 4, 9, 16, 25]
+            deadline = time.monotonic() + STOPPED_GRACE + 5.0
+            while proc.pid in [p.pid for p in pool._pool] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.pid not in [p.pid for p in pool._pool]
+        finally:
+            if proc.is_alive():  # never leave it behind, stopped
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.join(5)
+        assert pool.map(square, range(4), chunksize=1) == [0, 1, 4, 9]
+
+
 class Unpicklable(Exception):
     def __init__(self, msg):
         super().__init__(msg)

@@ -649,6 +649,9 @@ class Pool:
         self._counts: dict[_Worker, int] = {}
         self._workers: list[_Worker] = []
         self._wakeup_r, self._wakeup_w = _pipe()
+        from coremap.engines._processes import _StopWatch
+
+        self._stops = _StopWatch()  # workers stopped (SIGSTOP) too long: killed, replaced
         try:
             for _ in range(processes):
                 self._workers.append(self._start_worker())
@@ -1100,7 +1103,18 @@ class Pool:
         for r in ready:
             if r in sentinels:
                 self._reap(sentinels[r])
+        self._kill_stopped()
         return True
+
+    def _kill_stopped(self) -> None:
+        """Kill the workers stopped (SIGSTOP, state ``T``) for ``STOPPED_GRACE``: the
+        task one holds would hang until SIGCONT; it fails, the worker is replaced."""
+        with self._lock:
+            workers = list(self._workers)
+        for w in self._stops.overdue(workers):
+            w.process.kill()  # SIGKILL ends a stopped process too
+            w.process.join(5)
+            self._reap(w, stopped=True)
 
     def _next_task(self) -> _Task | None:
         """The next task to send (the handler thread only: it alone takes from the queues)."""
@@ -1123,7 +1137,9 @@ class Pool:
 
     def _dispatch(self) -> None:
         for w in self._workers:
-            if w in self._busy or not w.process.is_alive():
+            # a worker seen stopped gets no new task: it is killed if it stays so
+            if w in self._busy or w.process.pid in self._stops.since \
+                    or not w.process.is_alive():
                 continue
             task = self._next_task()
             if task is None:
@@ -1195,8 +1211,9 @@ class Pool:
             task.release()
         self._replace(w, graceful=False)
 
-    def _reap(self, w: _Worker) -> None:
-        """A worker died: fail its task, start another (unless the pool is ending)."""
+    def _reap(self, w: _Worker, stopped: bool = False) -> None:
+        """A worker died (or was killed, ``stopped`` too long): fail its task, start
+        another (unless the pool is ending)."""
         if w not in self._workers or w.process.is_alive():
             return
         if w.conn.poll():  # its last words (a result, a failed initializer) come first
@@ -1207,9 +1224,14 @@ class Pool:
             task = self._busy.pop(w, None)
         if task is not None:
             code = w.process.exitcode
-            how = _describe_exit(code)
+            what = f"died ({_describe_exit(code)})"
+            if stopped:
+                from coremap.engines._processes import STOPPED_GRACE
+
+                what = (f"was stopped (SIGSTOP or similar) for {STOPPED_GRACE} s without "
+                        "progress and was killed")
             task.job.result._set(task.index, False, WorkerCrashedError(
-                f"pool worker {w.process.pid} died ({how}) while running task {task.index}",
+                f"pool worker {w.process.pid} {what} while running task {task.index}",
                 pid=w.process.pid, exitcode=code))
             task.release()
         _shm.cleanup_stale()  # result segments it may have left behind
