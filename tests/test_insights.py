@@ -99,8 +99,6 @@ def test_processes_shared_out_is_not_copied_back():
         out.unlink()
 
 
-@pytest.mark.xfail(reason="a SharedArray input is copied into a pooled segment: the planner's "
-                          "np.asarray view no longer leads to the SharedArray", strict=False)
 def test_processes_shared_input_is_used_in_place():
     x = cm.SharedArray.from_array(_x(20_000))
     out = cm.SharedArray.zeros(x.shape)

@@ -73,14 +73,59 @@ def test_broadcast_scalars_and_out():
     assert got is out and same_bits(out, want)
 
 
-def test_shared_array_in_and_out_zero_copy(engine):
+def _watch_calls(engine, monkeypatch):
+    """The pooled segments a call takes (shapes) and the operands' segment names it sends."""
+    taken, sent = [], []
+    take, run = engine.segment_array, engine.run
+
+    def counting_take(shape, dtype, order="C"):
+        taken.append(tuple(shape))
+        return take(shape, dtype, order=order)
+
+    def recording_run(spec, *args, **kwargs):
+        sent.append([None if v is None else v[0] for v in spec.views])
+        return run(spec, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "segment_array", counting_take)
+    monkeypatch.setattr(engine, "run", recording_run)
+    return taken, sent
+
+
+def test_shared_array_in_and_out_zero_copy(engine, monkeypatch):
     x = cm.SharedArray.from_array(np.random.default_rng(0).random(10**5))
     out = cm.SharedArray.zeros(10**5)
-    res = cm.parallel_map(x, dec2, out=out, backend="processes")
-    assert res is out
-    np.testing.assert_allclose(out, 2 * x)
-    x.unlink()
-    out.unlink()
+    try:
+        cm.parallel_map(x, dec2, out=out, backend="processes")  # the dtype probe
+        taken, sent = _watch_calls(engine, monkeypatch)
+        res = cm.parallel_map(x, dec2, out=out, backend="processes")
+        assert res is out
+        np.testing.assert_allclose(out, 2 * x)
+        # the workers attach the caller's own segments by name: nothing is copied
+        assert taken == []
+        assert sent == [[x._segment.name, out._segment.name]]
+    finally:
+        x.unlink()
+        out.unlink()
+
+
+@pytest.mark.parametrize("part", ["whole", "view", "broadcast"])
+def test_shared_input_is_attached_not_copied(part, engine, monkeypatch):
+    rng = np.random.default_rng(1)
+    x = cm.SharedArray.from_array(rng.random((300, 200)))
+    col = cm.SharedArray.from_array(rng.random((300, 1)))
+    out = cm.SharedArray.zeros(x.shape)
+    try:
+        arg, other = {"whole": (x, col), "view": (x[1::2, ::3], col[1::2]),
+                      "broadcast": (x[0], col)}[part]
+        res = out[: len(other), : arg.shape[-1]]
+        taken, sent = _watch_calls(engine, monkeypatch)
+        cm.parallel_map((arg, other), np.add, out=res, backend="processes")
+        np.testing.assert_array_equal(res, np.add(arg, other))
+        assert taken == []  # no operand copied into a pooled segment
+        assert sent == [[x._segment.name, col._segment.name, out._segment.name]]
+    finally:
+        for a in (x, col, out):
+            a.unlink()
 
 
 def test_no_array_bytes_are_pickled(engine):

@@ -271,8 +271,9 @@ def _raise_errors(plan, errors, job, space, native) -> None:
 def _segment_of(view: np.ndarray, origin: np.ndarray | None = None):
     """The shared-memory segment holding ``view``'s elements, or None.
 
-    ``origin`` is the array ``view`` was derived from, for views (like
-    ``np.broadcast_to``'s) whose ``.base`` chain no longer leads to a SharedArray.
+    ``origin`` is the array ``view`` was derived from (an input as given), for views
+    whose ``.base`` chain no longer leads to a SharedArray: ``np.broadcast_to``'s, and
+    ``np.asarray``'s of a whole SharedArray (NumPy collapses the chain past it).
     """
     from coremap.shared import SharedArray, _inside
 
@@ -361,7 +362,7 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
         views = list(space.views)
         segs = []
         for k, v in enumerate(views):
-            origin = plan.inputs[k].array if k < len(plan.inputs) else None
+            origin = plan.inputs[k].value if k < len(plan.inputs) else None
             seg = _segment_of(v, origin)
             if seg is None and k < len(plan.inputs) and plan.inputs[k].is_scalar:
                 segs.append(None)

@@ -27,8 +27,11 @@ NUMERIC_KINDS = "biufc"
 class Input:
     """One input as given: an array, or a scalar broadcast to every element."""
 
-    value: object  # the scalar as given (for ufuncs: NEP 50 weak promotion), or the array
-    array: np.ndarray  # the array, or a 0-d array of the scalar
+    # the scalar as given (for ufuncs: NEP 50 weak promotion), or the array as given:
+    # np.asarray of a SharedArray drops it from the view's .base chain (NumPy collapses
+    # bases of one type), so the process engine finds the segment to attach here
+    value: object
+    array: np.ndarray  # the array (np.asarray), or a 0-d array of the scalar
     is_scalar: bool
 
     @property
@@ -62,7 +65,8 @@ def normalize_inputs(arrays: object) -> tuple[list[Input], tuple[int, ...]]:
                 f"input {k} has dtype {arr.dtype}; parallel_map takes numeric inputs "
                 "(bool, int, uint, float, complex). Convert it first, e.g. x.astype(float)"
             )
-        inputs.append(Input(item if scalar else arr, arr, scalar))
+        given = scalar or isinstance(item, np.ndarray)  # a list is kept as converted
+        inputs.append(Input(item if given else arr, arr, scalar))
     shapes = [i.array.shape for i in inputs]
     try:
         shape = np.broadcast_shapes(*shapes)
