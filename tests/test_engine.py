@@ -447,3 +447,62 @@ def test_nested_call_with_progress_or_timeout(opt, tmp_path):
                          timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "ok"
+
+
+def _thread_starts_fail_after(monkeypatch, allowed):
+    """Make ``threading.Thread.start`` fail for pool threads after ``allowed`` starts,
+    as it does at the thread limit ("can't start new thread")."""
+    import threading
+
+    real = threading.Thread.start
+    started = []
+
+    def start(self):
+        if self.name.startswith("coremap-thread-"):
+            if len(started) >= allowed:
+                raise RuntimeError("can't start new thread")
+            started.append(self)
+        real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return started
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_a_thread_that_cannot_start_leaves_the_pool_consistent(monkeypatch, timeout):
+    """Item 12: when a helper thread cannot start, the call runs with the threads
+    already started (the right result), and the pool holds exactly those, alive."""
+    engine = thread_engine()
+    engine.shutdown()
+    started = _thread_starts_fail_after(monkeypatch, 2)
+    x = np.arange(20_000.0)
+    with pytest.warns(RuntimeWarning, match="could not start"):
+        got = cm.parallel_map(x, lambda c: c * 2.0, vectorized=True, workers=4,
+                              chunk_size=500, schedule="static", backend="threads",
+                              timeout=timeout)
+    np.testing.assert_array_equal(got, 2 * x)
+    assert engine._threads == started and all(t.is_alive() for t in started)
+    assert len(engine._queues) == 2
+    engine.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_no_thread_can_start_for_a_watched_call(monkeypatch):
+    """With a deadline the caller only watches a Python task: with no thread at all it
+    raises a clear error before any work, instead of waiting for the deadline."""
+    engine = thread_engine()
+    engine.shutdown()
+    _thread_starts_fail_after(monkeypatch, 0)
+    calls = []
+
+    def double(c):
+        calls.append(len(c))
+        return c * 2.0
+
+    with pytest.warns(RuntimeWarning, match="running with 0 of the 2"), \
+            pytest.raises(RuntimeError, match="could not start a worker thread"):
+        cm.parallel_map(np.arange(20_000.0), double, vectorized=True, workers=2,
+                        chunk_size=500, backend="threads", timeout=30.0)
+    assert engine._threads == [] and engine._queues == []
+    assert sum(calls) <= 256  # at most the result-dtype probe ran

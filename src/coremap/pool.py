@@ -5,7 +5,9 @@ is what hurts there:
 
 * a worker that dies (SIGKILL, segfault, ``os._exit``) fails the task it held
   with :class:`~coremap.WorkerCrashedError` and is replaced, where
-  ``multiprocessing.Pool`` waits forever (bpo-22393);
+  ``multiprocessing.Pool`` waits forever (bpo-22393); so does a worker stopped
+  (SIGSTOP, state ``T``) for ``STOPPED_GRACE`` seconds, killed first (a worker
+  seen stopped gets no new task meanwhile);
 * an initializer that raises breaks the pool: every task fails with
   ``BrokenProcessPool`` naming the initializer and its exception (as
   ``concurrent.futures`` does), where ``multiprocessing.Pool`` restarts workers
@@ -35,6 +37,7 @@ Data flow (one handler thread per pool, like the stdlib's result handler):
                     worker ──> Reply(kind, task id, ...): checked against the task the
                                     worker holds; anything else is a protocol error
                     dead worker ──> its task fails with WorkerCrashedError; replaced
+                    worker stopped too long ──> killed, then as a dead worker
 
 Messages are the process engine's named ones (``engines/_messages.py``:
 ``TaskSpec``, ``InitSpec``, ``Reply``): every reply names its kind and the task

@@ -46,6 +46,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 
 from coremap._kernels import _runner
 
@@ -128,6 +129,8 @@ class ThreadEngine:
         return len(self._threads) + _runner.pool_size()
 
     def _ensure(self, n: int) -> list[queue.SimpleQueue]:
+        """The queues of ``n`` worker threads, started as needed; fewer (with a
+        warning) if the system refuses a thread: the call runs with those there are."""
         with self._lock:
             while len(self._threads) < n:
                 q: queue.SimpleQueue = queue.SimpleQueue()
@@ -137,7 +140,16 @@ class ThreadEngine:
                     name=f"coremap-thread-{len(self._threads)}",
                     daemon=True,
                 )
-                t.start()
+                try:
+                    t.start()
+                except RuntimeError as exc:  # "can't start new thread" (thread/memory limit)
+                    # a thread that did not start is registered nowhere; those
+                    # started before it are complete and alive: keep them
+                    warnings.warn(
+                        f"coremap could not start a worker thread ({exc}); running with "
+                        f"{len(self._threads)} of the {n} requested", RuntimeWarning,
+                        stacklevel=2)
+                    break
                 self._queues.append(q)
                 self._threads.append(t)
             return self._queues[:n]
@@ -163,15 +175,21 @@ class ThreadEngine:
 
     def _run_python(self, job, task, workers, deadline, poll) -> None:
         def post(count):
-            for q in self._ensure(count):
+            queues = self._ensure(count)
+            for q in queues:
                 q.put((task, job))
+            return len(queues)
 
         # A stuck Python chunk cannot be interrupted: with a deadline the caller
         # only watches (unless it is itself a pool worker: a nested call must not
         # wait for pool threads that may be busy with its parent).
         watch_only = deadline is not None and not getattr(_local, "in_pool", False)
-        if watch_only:
-            post(workers)
+        if watch_only and post(workers) == 0:
+            # nobody would compute: say so now rather than at the deadline
+            raise RuntimeError(
+                "coremap could not start a worker thread to run this call with a "
+                "timeout (the system's thread limit?); retry without timeout= to run "
+                "it in the calling thread")
         elif workers > 1 and job.target_ns > 0:
             job.arm_escalation(lambda: post(workers - 1))
         elif workers > 1:  # untimed (static schedule): every worker from the start
