@@ -250,3 +250,38 @@ def test_scaling_bench_rows():
     assert all(r.speedup > 0 and r.workload == "SCALING 2e+03" for r in rows)
     base = next(r for r in rows if r.contender == "numba 1 thread")
     assert base.speedup == 1.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS is enforced on Linux")
+@pytest.mark.timeout(120)
+def test_a_helper_that_cannot_start_means_fewer_helpers():
+    """Item 12: pthread_create failing (here: no address space left for a thread's
+    stack) leaves the native pool with the helpers that did start; the call computes
+    the right result with them, nothing crashes."""
+    res = run_script("""
+        import re, resource
+        import numpy as np
+        import coremap as cm
+        from coremap._kernels import _runner
+
+        def f(v):
+            return v * 2.0 + 1.0
+
+        x = np.arange(2_000_000.0)
+        out = np.empty_like(x)
+        cm.parallel_map(x, f, out=out, workers=1, backend="threads")  # compiled, warm
+        _runner.pool_shutdown()
+        status = open("/proc/self/status").read()
+        vm = int(re.search(r"VmSize:\\s+(\\d+)", status).group(1)) * 1024
+        # room for about two 1 MiB helper stacks, not for seven
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (5 << 19), hard))
+        cm.parallel_map(x, f, out=out, workers=8, backend="threads", schedule="static")
+        helpers = _runner.pool_size()
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        assert np.array_equal(out, x * 2.0 + 1.0)
+        print("helpers", helpers)
+    """)
+    assert res.returncode == 0, res.stderr
+    helpers = int(res.stdout.split()[-1])
+    assert 0 <= helpers < 7

@@ -39,6 +39,10 @@ buffer that is copied into ``out`` only on success (``_execute.py``).
 Python workers are created on first use and live for the process (daemon
 threads); native workers likewise (``_runner.pool_shutdown`` stops them). A
 forked child starts with neither pool and builds fresh ones on first use.
+A thread the system refuses (thread or memory limit) is registered nowhere:
+the call runs with the workers already started (Python: after a
+``RuntimeWarning``; a call with ``timeout`` that gets none raises at once),
+the native pool likewise with the helpers it has (``cm_pool_ensure``).
 """
 from __future__ import annotations
 
