@@ -1118,6 +1118,7 @@ class Pool:
             w.process.kill()  # SIGKILL ends a stopped process too
             w.process.join(5)
             self._reap(w, stopped=True)
+            self._stops.since.pop(w.process.pid, None)  # a later worker may get its pid
 
     def _next_task(self) -> _Task | None:
         """The next task to send (the handler thread only: it alone takes from the queues)."""
