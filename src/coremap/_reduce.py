@@ -51,7 +51,7 @@ __all__ = ["parallel_reduce"]
 
 # Columns per block. Fixed, so the result never depends on the worker count. A
 # multiple of the 128-element pairwise runs; 4,096 float64 partials of 10^7
-# elements take 20 KB. (W7 at 10^7 ran alike with 2,048 to 16,384.)
+# elements take 20 KB. (W8's sum at 10^7 ran alike with 2,048 to 16,384.)
 BLOCK = 4_096
 # Blocks mapped per parallel_map call on the slab path: 256 Ki elements (2 MiB of
 # float64), enough to amortise a process round trip (~1 ms, _plan.PROCESS_MIN_SIZE).

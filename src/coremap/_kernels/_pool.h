@@ -96,7 +96,7 @@ static void cm_pool_reset(void) {
     cm_pool.nthreads = 0;
     cm_pool.stop = 0;
     if (cm_pool.wake_ns <= 0)
-        cm_pool.wake_ns = 50000; /* until measured: BENCHMARKS.md's thread dispatch, 35-60 us */
+        cm_pool.wake_ns = 50000; /* until measured: the thread dispatch cost in docs/benchmarks.rst, 35-60 us */
     cm_pool.pid = getpid();
     cm_pool.head = NULL;
 }
