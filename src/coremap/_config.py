@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from typing import cast
 
 SCHEDULES = ("guided", "dynamic", "static")
 
@@ -55,11 +56,12 @@ def check_positive_int(value: object, name: str = "workers", maximum: int | None
         raise TypeError(
             f"{name} must be a positive int or None, got {type(value).__name__} {value!r}"
         )
-    if value < 1:
+    number = int(value)  # an Integral converts exactly (NumPy integers included)
+    if number < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-    if maximum is not None and value > maximum:
+    if maximum is not None and number > maximum:
         raise ValueError(f"{name} must be at most {maximum:,}, got {value:,}")
-    return int(value)
+    return number
 
 
 def max_workers() -> int:
@@ -84,7 +86,7 @@ def backends() -> tuple[str, ...]:
     return ("auto", *ENGINES)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> tuple[str, ...]:
     if name == "BACKENDS":  # read from the engine registry, so a new engine is listed
         return backends()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -100,7 +102,7 @@ def check_backend(backend: object) -> object:
     return backend
 
 
-def _stack() -> list[dict]:
+def _stack() -> list[dict[str, object]]:
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
@@ -143,13 +145,13 @@ if not (isinstance(_ENV_DATA, dict) and os.name == "posix"):
     _ENV_DATA = None
 
 
-def _raw_env_pair() -> tuple:
+def _raw_env_pair() -> tuple[object, object]:
     if _ENV_DATA is not None:
         return _ENV_DATA.get(b"COREMAP_WORKERS"), _ENV_DATA.get(b"COREMAP_BACKEND")
     return os.environ.get("COREMAP_WORKERS"), os.environ.get("COREMAP_BACKEND")
 
 
-def defaults_key() -> tuple:
+def defaults_key() -> tuple[object, ...]:
     """A cheap fingerprint of the current defaults (for caches of decisions)."""
     stack = getattr(_local, "stack", None)
     return (tuple(tuple(f.items()) for f in stack) if stack else None, *_raw_env_pair())
@@ -185,7 +187,8 @@ def cache_dir() -> str | None:
 
 def default_workers() -> int:
     value = get("workers")
-    return usable_cores() if value is None else int(value)  # type: ignore[arg-type]
+    # config() and COREMAP_WORKERS both store check_workers' result, an int
+    return usable_cores() if value is None else int(cast(int, value))
 
 
 def default_backend() -> object:

@@ -28,6 +28,7 @@ can reuse ``find`` and the masked and pandas alignment steps (``align_pandas``,
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ def kind_of(obj: object) -> str | None:
     return None
 
 
-def find(items: tuple) -> str | None:
+def find(items: tuple[object, ...]) -> str | None:
     """The outermost container kind among ``items`` (see the module docstring), or None."""
     kinds = {kind_of(x) for x in items}
     kinds.discard(None)
@@ -78,8 +79,9 @@ def check_out(kind: str, out: object) -> None:
         )
 
 
-def map_containers(kind: str, items: tuple, compute: Callable[[tuple], object],
-                   probe: Callable[[tuple], np.dtype | None]):
+def map_containers(kind: str, items: tuple[Any, ...],
+                   compute: Callable[[tuple[Any, ...]], Any],
+                   probe: Callable[[tuple[Any, ...]], np.dtype | None]) -> Any:
     """Run ``compute`` on the plain data of ``items`` and rebuild a ``kind`` container.
 
     ``compute(plain_items)`` returns the result (an array of the broadcast shape,
@@ -195,13 +197,14 @@ def _dask_dtypes(items, arrays, where, compute, probe) -> tuple:
 
 # -- pandas ----------------------------------------------------------------------------
 
-def align_pandas(items: tuple):
-    """``(aligned items, axes, name)`` as pandas' ufunc protocol aligns them.
+def align_pandas(items: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[Any], Any, list[int]]:
+    """``(aligned items, axes, name, framed)`` as pandas' ufunc protocol aligns them.
 
     Mirrors ``array_ufunc`` in pandas/core/arraylike.py with public methods: two
     pandas objects are aligned with ``align(join="outer")`` (duplicate labels
     allowed), more with the union of their axes; Series and DataFrame do not
-    mix; the result's name is the inputs' common name.
+    mix; the result's name is the inputs' common name. ``framed`` holds the
+    positions of the pandas objects among ``items``.
     """
     import pandas as pd
 
@@ -211,26 +214,25 @@ def align_pandas(items: tuple):
             issubclass(t, pd.DataFrame) for t in types):
         raise TypeError("cannot map over mixed DataFrame and Series inputs (pandas ufuncs "
                         "refuse them too): pass df.to_numpy() or align them first")
-    items = list(items)
-    first = items[framed[0]]
+    work = list(items)
+    first = work[framed[0]]
     if len(framed) == 2:
-        left, right = items[framed[0]].align(items[framed[1]], join="outer")
-        items[framed[0]], items[framed[1]] = left, right
+        left, right = work[framed[0]].align(work[framed[1]], join="outer")
+        work[framed[0]], work[framed[1]] = left, right
         axes = left.axes
     elif len(framed) > 2:
         axes = list(first.axes)
         for k in framed[1:]:
-            axes = [a.union(b) for a, b in zip(axes, items[k].axes)]
-        names = first._AXIS_ORDERS
+            axes = [a.union(b) for a, b in zip(axes, work[k].axes)]
         for k in framed:
-            items[k] = items[k].reindex(**dict(zip(names, axes)))
+            work[k] = work[k].reindex(**dict(zip(first._AXIS_ORDERS, axes)))
     else:
         axes = first.axes
     name = None
     if first.ndim == 1:
-        names = {items[k].name for k in framed}
+        names = {work[k].name for k in framed}
         name = names.pop() if len(names) == 1 else None
-    return tuple(items), list(axes), name, framed
+    return tuple(work), list(axes), name, framed
 
 
 def _map_pandas(items, compute):
@@ -254,11 +256,12 @@ def _map_pandas(items, compute):
     return _each(result, rebuild)
 
 
-def _map_frame_by_dtype(aligned, k, compute):
+def _map_frame_by_dtype(aligned: tuple[Any, ...], k: int,
+                        compute: Callable[[tuple[Any, ...]], Any]) -> Any:
     """A lone DataFrame of several dtypes: one call per dtype, as pandas runs ufuncs
     block by block (an int column stays int where the function allows)."""
     frame = aligned[k]
-    parts: dict = {}
+    parts: dict[tuple[Any, ...], Any] = {}
     for dtype in frame.dtypes.unique():
         cols = [c for c, d in zip(frame.columns, frame.dtypes) if d == dtype]
         sub = frame.loc[:, cols]
@@ -286,7 +289,7 @@ def _map_frame_by_dtype(aligned, k, compute):
 
 # -- masked arrays ---------------------------------------------------------------------
 
-def union_mask(items: tuple, shape: tuple[int, ...]) -> np.ndarray | None:
+def union_mask(items: tuple[object, ...], shape: tuple[int, ...]) -> np.ndarray | None:
     """The union of the inputs' masks, broadcast to ``shape``; None if nothing is masked."""
     mask = None
     for x in items:
@@ -339,7 +342,7 @@ def describe(kind: str) -> str:
     return _WHAT[kind]
 
 
-def stand_ins(items: tuple) -> tuple:
+def stand_ins(items: tuple[Any, ...]) -> tuple[Any, ...]:
     """Plain stand-ins of ``items`` for planning, without computing anything lazy.
 
     pandas and xarray objects give their values (xarray's broadcast by dimension
@@ -370,13 +373,17 @@ def stand_ins(items: tuple) -> tuple:
 # -- parallel_reduce ---------------------------------------------------------------------
 
 # ufunc ops under the names np.ma and dask.array give their reductions
-_UFUNC_NAMES = {np.add: "sum", np.multiply: "prod", np.minimum: "min", np.maximum: "max",
-                np.logical_or: "any", np.logical_and: "all"}
+_UFUNC_NAMES: dict[object, str] = {
+    np.add: "sum", np.multiply: "prod", np.minimum: "min", np.maximum: "max",
+    np.logical_or: "any", np.logical_and: "all"}
 _TAKES_DTYPE = ("sum", "prod", "mean")
 
 
-def reduce_containers(kind: str, items: tuple, op, axis, keepdims: bool, options: dict,
-                      reduce: Callable, map_: Callable):
+def reduce_containers(kind: str, items: tuple[Any, ...], op: object,
+                      axis: int | tuple[int, ...] | None, keepdims: bool,
+                      options: dict[str, Any],
+                      reduce: Callable[[tuple[Any, ...], Any, bool], Any],
+                      map_: Callable[[tuple[Any, ...]], Any]) -> Any:
     """``parallel_reduce`` over containers (see the module docstring).
 
     ``reduce(plain, axis, keepdims)`` is ``parallel_reduce`` on plain data;
