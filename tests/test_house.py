@@ -195,10 +195,6 @@ KNOWN_UPWARD = {
     ("coremap.engines._worker", "coremap.pool"):
         "the worker unpickles Pool task arguments with pool.py's shared-memory "
         "helpers; they are to move down beside the messages",
-    ("coremap.engines._processes", "coremap.shared"):
-        "pooled segments are handed out as SharedArray views",
-    ("coremap._execute", "coremap.shared"):
-        "the process engine's path finds SharedArray operands to use them in place",
 }
 
 

@@ -873,3 +873,23 @@ def test_cached_not_compilable_verdict_is_a_fresh_exception():
         seen.append(info.value)
     assert seen[0] is not seen[1] and seen[1] is not seen[2]
     assert str(seen[1]) == str(seen[2]) and depth(seen[1]) == depth(seen[2])
+
+
+def test_segments_are_found_below_the_front_end(engine):
+    from coremap import _shm
+
+    x = cm.SharedArray.from_array(np.arange(10.0))
+    try:
+        assert isinstance(x, _shm.SegmentArray)
+        whole = np.asarray(x)  # NumPy collapses the .base chain past the SharedArray
+        assert _shm.segment_of(whole, x) is x._segment
+        assert _shm.segment_of(x[::3]) is x._segment
+        assert _shm.segment_of(np.arange(3.0)) is None
+        assert _shm.segment_of(np.arange(3.0), x) is None  # not inside x's segment
+        pooled, seg = engine.segment_array((4,), np.float64)
+        # a pooled operand is an array in a segment, not the front end's SharedArray
+        assert type(pooled) is _shm.SegmentArray and _shm.segment_of(pooled[1:]) is seg
+        del pooled
+        engine.pool.release_all(set())
+    finally:
+        x.unlink()

@@ -21,7 +21,7 @@ from time import perf_counter_ns
 
 import numpy as np
 
-from coremap import _layout
+from coremap import _layout, _shm
 from coremap._functions import FunctionCache
 from coremap._insights import observed
 from coremap._kernels import _runner
@@ -268,24 +268,6 @@ def _raise_errors(plan, errors, job, space, native) -> None:
 
 # -- the process engine ---------------------------------------------------------------
 
-def _segment_of(view: np.ndarray, origin: np.ndarray | None = None):
-    """The shared-memory segment holding ``view``'s elements, or None.
-
-    ``origin`` is the array ``view`` was derived from (an input as given), for views
-    whose ``.base`` chain no longer leads to a SharedArray: ``np.broadcast_to``'s, and
-    ``np.asarray``'s of a whole SharedArray (NumPy collapses the chain past it).
-    """
-    from coremap.shared import SharedArray, _inside
-
-    for start in (view, origin):
-        base = start
-        while isinstance(base, np.ndarray):
-            if isinstance(base, SharedArray) and base._segment is not None:
-                return base._segment if _inside(view, base._segment) else None
-            base = base.base
-    return None
-
-
 def _describe(view: np.ndarray, seg):
     from coremap.engines._messages import ViewDesc
 
@@ -347,7 +329,7 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
                 pass
         procs = engine.prepare(plan.workers)
         _, out = _output(plan)
-        direct = plan.out is not None and _segment_of(plan.out) is not None \
+        direct = plan.out is not None and _shm.segment_of(plan.out) is not None \
             and not _layout.needs_native_copy(plan.out)
         if direct:
             target = plan.out
@@ -363,7 +345,7 @@ def _execute_processes(plan, progress: bool) -> np.ndarray:
         segs = []
         for k, v in enumerate(views):
             origin = plan.inputs[k].value if k < len(plan.inputs) else None
-            seg = _segment_of(v, origin)
+            seg = _shm.segment_of(v, origin)
             if seg is None and k < len(plan.inputs) and plan.inputs[k].is_scalar:
                 segs.append(None)
                 continue

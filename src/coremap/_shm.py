@@ -38,6 +38,8 @@ import os
 import secrets
 import weakref
 
+import numpy as np
+
 try:
     import _posixshmem
 except ImportError:  # pragma: no cover - Windows
@@ -338,3 +340,59 @@ def cleanup_stale() -> list[str]:
     >>> removed = cm.cleanup_stale()
     """
     return clean()
+
+
+# -- arrays in segments ----------------------------------------------------------------
+# Below the front end's SharedArray (shared.py), so that the engines can hand out
+# and recognise arrays in segments without importing the front end. SharedArray is
+# a subclass: everything here holds for it too.
+
+def inside(arr, seg: Segment) -> bool:
+    """True if every element of ``arr`` lies within ``seg``'s mapping."""
+    start = arr.__array_interface__["data"][0]
+    if arr.size == 0:
+        return seg.address <= start <= seg.address + seg.size
+    lo = hi = start
+    for n, s in zip(arr.shape, arr.strides):
+        if s < 0:
+            lo += (n - 1) * s
+        else:
+            hi += (n - 1) * s
+    return seg.address <= lo and hi + arr.itemsize <= seg.address + seg.size
+
+
+class SegmentArray(np.ndarray):
+    """An ndarray whose elements live in a segment (``_segment``; None for a view
+    that leaves it). The process engine's pooled operands are these."""
+
+    _segment: Segment | None = None
+
+    def __array_finalize__(self, obj) -> None:
+        seg = getattr(obj, "_segment", None)
+        if seg is not None and not inside(self, seg):
+            seg = None
+        self._segment = seg
+
+
+def array_in(seg: Segment, shape, dtype, order: str = "C", cls=SegmentArray):
+    """A new ``cls`` array over ``seg``'s data (after the header)."""
+    arr = np.ndarray(shape, dtype, buffer=seg.mmap, offset=HEADER, order=order).view(cls)
+    arr._segment = seg
+    return arr
+
+
+def segment_of(view, origin=None) -> Segment | None:
+    """The segment holding all of ``view``'s elements, or None.
+
+    ``origin`` is the array ``view`` was derived from (an input as given), for views
+    whose ``.base`` chain no longer leads to the array in the segment:
+    ``np.broadcast_to``'s, and ``np.asarray``'s of a whole SharedArray (NumPy
+    collapses the chain past it).
+    """
+    for start in (view, origin):
+        base = start
+        while isinstance(base, np.ndarray):
+            if isinstance(base, SegmentArray) and base._segment is not None:
+                return base._segment if inside(view, base._segment) else None
+            base = base.base
+    return None

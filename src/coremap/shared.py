@@ -10,6 +10,13 @@ array that does not live in a segment (a ufunc result, a copy) is a plain
 Lifetime: the creating process owns the segment. Its name is removed at
 ``unlink()``, when the last array using it in the creator is garbage, or at
 exit; mappings stay valid until their last array goes. See ``_shm.py``.
+
+    _shm.Segment ──> _shm.SegmentArray (views keep the segment while inside it)
+                       └─ SharedArray: + empty/zeros/from_array, lock, unlink,
+                          pickling by name (_rebuild attaches the segment)
+
+The engines work with ``_shm.SegmentArray`` (their pooled operands, and the
+SharedArray operands they attach by name) and never import this front end.
 """
 from __future__ import annotations
 
@@ -75,6 +82,9 @@ def _attach_lock(name: str) -> SharedLock:
     return SharedLock(_shm.Segment.attach(name))
 
 
+_inside = _shm.inside  # (the name this module used before it moved down)
+
+
 def _rebuild(name, offset, shape, strides, dtype):
     seg = _shm.Segment.attach(name)
     arr = np.ndarray(shape, dtype, buffer=seg.mmap, offset=offset, strides=strides)
@@ -83,7 +93,7 @@ def _rebuild(name, offset, shape, strides, dtype):
     return out
 
 
-class SharedArray(np.ndarray):
+class SharedArray(_shm.SegmentArray):
     """An ndarray in shared memory, pickled by name (zero copy between processes).
 
     Create one with :meth:`empty`, :meth:`zeros` or :meth:`from_array`.
@@ -115,10 +125,7 @@ class SharedArray(np.ndarray):
         if any(int(s) < 0 for s in shape):
             raise ValueError(f"negative dimensions are not allowed: {shape}")
         seg = _shm.Segment.create(math.prod(shape) * dtype.itemsize)
-        arr = np.ndarray(shape, dtype, buffer=seg.mmap, offset=_shm.HEADER, order=order)
-        out = arr.view(cls)
-        out._segment = seg
-        return out
+        return _shm.array_in(seg, shape, dtype, order, cls)
 
     @classmethod
     def zeros(cls, shape, dtype=float, order: str = "C") -> SharedArray:
@@ -135,12 +142,7 @@ class SharedArray(np.ndarray):
         return out
 
     # -- numpy subclass protocol ------------------------------------------------------
-    def __array_finalize__(self, obj) -> None:
-        seg = getattr(obj, "_segment", None)
-        if seg is not None and not _inside(self, seg):
-            seg = None
-        self._segment = seg
-
+    # (__array_finalize__, which keeps the segment in views inside it: _shm.SegmentArray)
     def __array_wrap__(self, arr, context=None, return_scalar=False):
         if isinstance(arr, SharedArray) and arr._segment is None:
             arr = arr.view(np.ndarray)  # a result in private memory is a plain array
@@ -185,15 +187,3 @@ class SharedArray(np.ndarray):
     def __exit__(self, *exc) -> None:
         self.unlink()
 
-
-def _inside(arr: np.ndarray, seg: _shm.Segment) -> bool:
-    start = arr.__array_interface__["data"][0]
-    if arr.size == 0:
-        return seg.address <= start <= seg.address + seg.size
-    lo = hi = start
-    for n, s in zip(arr.shape, arr.strides):
-        if s < 0:
-            lo += (n - 1) * s
-        else:
-            hi += (n - 1) * s
-    return seg.address <= lo and hi + arr.itemsize <= seg.address + seg.size

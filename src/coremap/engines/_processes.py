@@ -358,19 +358,14 @@ class ProcessEngine:
         return procs
 
     def segment_array(self, shape, dtype, order="C"):
-        """A SharedArray in a pooled segment, for one call's operand."""
+        """An array in a pooled segment (``_shm.SegmentArray``), for one call's operand."""
         import math
 
         import numpy as np
 
-        from coremap.shared import SharedArray
-
         dtype = np.dtype(dtype)
         seg = self.pool.take(math.prod(shape) * dtype.itemsize)
-        arr = np.ndarray(shape, dtype, buffer=seg.mmap, offset=_shm.HEADER, order=order)
-        arr = arr.view(SharedArray)
-        arr._segment = seg
-        return arr, seg
+        return _shm.array_in(seg, shape, dtype, order), seg
 
     def prepare(self, workers: int) -> list[_Worker]:
         """Start (or replace) the workers of the next call; call before ``segment_array``."""
