@@ -16,7 +16,7 @@ import pytest
 
 import coremap as cm
 from coremap._api import CoremapWarning
-from coremap._kernels import _half
+from coremap._kernels import _checked, _half
 
 ENGINES = ["threads", "serial"]  # the process engine: the few tests marked below
 
@@ -500,3 +500,46 @@ def test_every_kernel_kind_on_every_engine(backend):
             warnings.simplefilter("ignore", CoremapWarning)
             got = cm.parallel_map(x, func, backend=backend, workers=2, **kw)
         np.testing.assert_allclose(got, want, rtol=1e-15, err_msg=f"{kind} on {backend}")
+
+
+# -- the checked math module against CPython, value by value ----------------------------------
+
+_SPECIAL = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 2.0, -2.0,
+            710.0, -710.0, 1e308, -1e308, 5e-324, 3.0, -3.0]
+
+
+def _outcome(fn, *args):
+    try:
+        r = fn(*args)
+    except (ValueError, OverflowError, ZeroDivisionError) as exc:
+        return type(exc)
+    return "nan" if r != r else r
+
+
+def _same(got, want) -> bool:
+    if isinstance(got, float) and isinstance(want, float) and math.isfinite(want):
+        return abs(got - want) <= 4 * math.ulp(want)  # the guard's float tolerance
+    return got == want
+
+
+# Numba has no math.fmod or math.remainder: functions calling them run as Python.
+@pytest.mark.parametrize("name", sorted(_checked._CHECKED_NAMES - {"fmod", "remainder"}))
+def test_checked_math_matches_cpython_on_special_values(name):
+    fn = getattr(_checked.module(), name)
+    ref = getattr(math, name)
+    two = name in _checked._TWO_ARG or name == "pow"
+    cases = [(a, b) for a in _SPECIAL for b in _SPECIAL] if two else [(a,) for a in _SPECIAL]
+    if name == "log":
+        cases += [(a, b) for a in _SPECIAL for b in (2.0, 10.0, 1.0, 0.5)]
+    for args in cases:
+        assert _same(_outcome(fn, *args), _outcome(ref, *args)), (name, args)
+
+
+def test_checked_int_matches_python_on_special_values():
+    _checked.register_int()
+    to_int = numba.njit(error_model="python")(lambda v: _checked.checked_int(v))
+    for v in [*_SPECIAL, 9.2e18, -9.2e18, 9.3e18, -9.3e18, 2.0**63, -(2.0**63)]:
+        want = _outcome(int, v)
+        if isinstance(want, int) and not -(2**63) <= want < 2**63:
+            want = OverflowError  # a compiled 64-bit integer cannot hold it: loud
+        assert _outcome(to_int, v) == want, v
