@@ -191,11 +191,7 @@ LAYER_NAMES = {FRONT: "front end", PLANNING: "planning", ENGINES: "engines",
 # still there. Each is a strict expected failure below: once the edge is gone, that
 # test fails and says to remove the entry. The circle check leaves these edges out
 # (each circle that exists today goes through one of them).
-KNOWN_UPWARD = {
-    ("coremap.engines._worker", "coremap.pool"):
-        "the worker unpickles Pool task arguments with pool.py's shared-memory "
-        "helpers; they are to move down beside the messages",
-}
+KNOWN_UPWARD: dict = {}
 
 
 # Same-layer imports that close a circle today, left out of the circle check like the

@@ -548,9 +548,11 @@ def test_full_shared_memory_falls_back_to_the_pipe(monkeypatch):
     for b in out:
         np.testing.assert_array_equal(b, -big)
     # the worker's side: results that do not fit go back through the pipe
-    data, info = pool_module.export_results([big], warn=False)
+    from coremap.engines import _transport
+
+    data, info = _transport.export_results([big], pool_module.SHARE_BYTES)
     assert info is None
-    np.testing.assert_array_equal(pool_module.loads_shared(data, info)[0], big)
+    np.testing.assert_array_equal(_transport.loads_shared(data, info)[0], big)
 
 
 def test_temporary_shared_array_lives_until_its_task_is_done():

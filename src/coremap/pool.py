@@ -51,7 +51,6 @@ interpreters, never forked; ``engines/_worker.py``: one loop for both).
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import os
 import pickle
@@ -68,10 +67,11 @@ from multiprocessing.pool import (  # type: ignore[attr-defined] # not in typesh
     MaybeEncodingError,
     RemoteTraceback,
 )
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 from coremap import _config, _shm
 from coremap._errors import WorkerCrashedError
+from coremap._functions import digest
 from coremap.engines._messages import (
     ERROR,
     RESULT,
@@ -82,6 +82,7 @@ from coremap.engines._messages import (
     TaskSpec,
     check_reply,
 )
+from coremap.engines._transport import Payload, loads_shared, pickle_payload, stage
 
 if TYPE_CHECKING:
     from coremap.engines._processes import _Worker
@@ -104,50 +105,14 @@ _S = TypeVar("_S")
 INIT_TASK = ("init", -1)
 
 
-# -- arrays through shared memory --------------------------------------------------------
-#
-# Pickle protocol 5 hands every contiguous array buffer to ``buffer_callback``;
-# the large ones are kept out of band and copied into one segment when the batch
-# is sent, the receiver passes views of that segment as ``buffers=`` to
-# ``pickle.loads``, and NumPy rebuilds the arrays on them: zero copy on the
-# receiving side, no Python walk over the arguments, arrays found at any depth.
+# -- arrays through shared memory (engines/_transport.py) ---------------------------------
 
-_ALIGN = 64
 _warned_full = False  # the "shared memory is short" warning is given once per process
 
 
-class _Payload(NamedTuple):
-    """An object pickled with its large buffers left out of band (still the owner's memory)."""
-
-    data: bytes
-    buffers: list
-
-
-def _pickle_payload(obj: Any, by_value: bool = True, threshold: int | None = None) -> _Payload:
-    """Pickle ``obj``: by reference (stdlib pickle) when the workers can import what it
-    names, else by value (cloudpickle) when ``by_value``; large buffers out of band."""
-    big: list = []
-    threshold = SHARE_BYTES if threshold is None else threshold
-
-    def take(pb: pickle.PickleBuffer) -> bool:
-        raw = pb.raw()
-        if raw.nbytes >= threshold:
-            big.append(raw)
-            return False  # out of band: staged into shared memory when sent
-        return True
-
-    try:
-        data = pickle.dumps(obj, protocol=5, buffer_callback=take)
-        # __main__ is the one module a worker cannot import (it runs ``python -c``)
-        if not by_value or b"__main__" not in data:
-            return _Payload(data, big)
-    except Exception:
-        if not by_value:
-            raise
-    import cloudpickle  # lambdas, closures, __main__ and other by-value objects
-
-    big.clear()
-    return _Payload(cloudpickle.dumps(obj, protocol=5, buffer_callback=take), big)
+def _pickle_payload(obj: Any) -> Payload:
+    """A batch of arguments pickled, arrays of ``SHARE_BYTES`` or more out of band."""
+    return pickle_payload(obj, SHARE_BYTES)
 
 
 def _pickle_function(func: Callable[..., Any]) -> bytes:
@@ -159,7 +124,7 @@ def _pickle_function(func: Callable[..., Any]) -> bytes:
     they use (a lock, a connection).
     """
     try:
-        return _pickle_payload(func, threshold=2**63).data
+        return pickle_payload(func, threshold=2**63).data
     except Exception as exc:
         raise TypeError(f"cannot send {func!r} to the pool's workers: {exc}") from exc
 
@@ -176,68 +141,6 @@ def _warn_short(exc: OSError) -> None:
                       RuntimeWarning, stacklevel=3)
     except Exception:  # noqa: S110 - warnings turned into errors must not stop the pool
         pass
-
-
-def _stage(payload: _Payload, warn: bool = True,
-           ) -> tuple[Any, _shm.Segment | None, list | None]:
-    """``(shared info, segment, in-band buffers)``: the large buffers copied into one
-    segment, or handed back for the pipe when no segment can be made."""
-    if not payload.buffers:
-        return None, None, None
-    offsets, total = [], 0
-    for raw in payload.buffers:
-        offsets.append((total, raw.nbytes))
-        total += -(-raw.nbytes // _ALIGN) * _ALIGN
-    try:
-        seg = _shm.Segment.create(total)
-    except OSError as exc:  # /dev/shm full (ENOSPC), missing, or not ours to use
-        if warn:
-            _warn_short(exc)
-        return None, None, [pickle.PickleBuffer(raw) for raw in payload.buffers]
-    view = memoryview(seg.mmap)
-    for raw, (off, n) in zip(payload.buffers, offsets):
-        view[_shm.HEADER + off:_shm.HEADER + off + n] = raw.cast("B")
-    del view
-    return (seg.name, offsets), seg, None
-
-
-def loads_shared(data: bytes, info: Any, unlink: bool = False,
-                 buffers: list | None = None) -> Any:
-    """Unpickle what was staged: ``info`` names the segment holding the large buffers
-    (``unlink`` removes its name once mapped); ``buffers`` came through the pipe."""
-    if buffers is not None:
-        return pickle.loads(data, buffers=buffers)
-    if info is None:
-        return pickle.loads(data)
-    name, offsets = info
-    seg = _shm.Segment.attach(name)
-    if unlink:
-        try:
-            _shm._posixshmem.shm_unlink("/" + name)  # the mapping keeps the memory
-        except FileNotFoundError:
-            pass
-    view = memoryview(seg.mmap)
-    bufs = [view[_shm.HEADER + off:_shm.HEADER + off + n] for off, n in offsets]
-    return pickle.loads(data, buffers=bufs)
-
-
-def export_results(results: Any, threshold: int | None = None, warn: bool = True,
-                   ) -> tuple[bytes, Any]:
-    """A worker's reply payload ``(data, info)``: results pickled, large arrays left in
-    a segment that the parent adopts (maps, then unlinks); in-band when no segment
-    can be made."""
-    payload = _pickle_payload(results, by_value=False, threshold=threshold)
-    info, seg, inband = _stage(payload, warn=warn)
-    if inband is not None:
-        return pickle.dumps(results, protocol=5), None
-    if seg is not None and seg._finalizer is not None:
-        seg._finalizer.detach()  # the parent unlinks it once mapped
-    return payload.data, info
-
-
-def encoding_error(exc: BaseException, results: Any) -> MaybeEncodingError:
-    """What a worker reports for results it cannot pickle (as ``multiprocessing``)."""
-    return MaybeEncodingError(exc, results)
 
 
 def _rebuild_error(reply: Reply) -> BaseException:
@@ -510,10 +413,10 @@ class _Task:
 
     __slots__ = ("job", "index", "batch", "payload", "segment", "shared", "inband")
 
-    def __init__(self, job: _Job, index: int, batch: list, payload: _Payload) -> None:
+    def __init__(self, job: _Job, index: int, batch: list, payload: Payload) -> None:
         self.job, self.index = job, index
         self.batch: list | None = batch
-        self.payload: Any = payload  # _Payload until released
+        self.payload: Any = payload  # Payload until released
         self.segment: _shm.Segment | None = None
         self.shared: Any = None
         self.inband: list | None = None
@@ -537,7 +440,7 @@ class _Job:
     def __init__(self, func_bytes: bytes, mode: str, result: Any,
                  source: Iterator[Any] | None = None, chunksize: int = 1) -> None:
         self.func = func_bytes
-        self.key = hashlib.blake2b(func_bytes, digest_size=16).hexdigest()
+        self.key = digest(func_bytes)
         self.mode = mode
         self.result = result
         self.tasks: collections.deque[_Task] = collections.deque()
@@ -1149,7 +1052,7 @@ class Pool:
             if task is None:
                 return
             try:
-                task.shared, task.segment, task.inband = _stage(task.payload)
+                task.shared, task.segment, task.inband = stage(task.payload, _warn_short)
                 data = pickle.dumps(self._message(task, w), protocol=pickle.HIGHEST_PROTOCOL)
                 w.conn.send_bytes(data)
             except OSError:

@@ -141,11 +141,11 @@ def _load(spec: TaskSpec, funcs: dict):
 
 def run_task(spec: TaskSpec, funcs: dict) -> Reply:
     """A Pool task: call the function on a batch of (args, kwds); results go back by
-    pickle, with large arrays moved to shared memory (see ``coremap.pool``)."""
-    from coremap import pool
+    pickle, with large arrays moved to shared memory (``_transport.py``)."""
+    from coremap.engines._transport import encoding_error, export_results, loads_shared
 
     func = _load(spec, funcs)
-    items = pool.loads_shared(spec.args, spec.shared, buffers=spec.buffers)
+    items = loads_shared(spec.args, spec.shared, buffers=spec.buffers)
     mode = spec.mode
     if mode == "map":
         calls = map(func, items)
@@ -162,9 +162,9 @@ def run_task(spec: TaskSpec, funcs: dict) -> Reply:
         k = len(results)
         return _report(exc, spec.task_id, k, k + 1)
     try:
-        payload = pool.export_results(results, spec.share_bytes, warn=False)
+        payload = export_results(results, spec.share_bytes)
     except BaseException as exc:  # a result that cannot be pickled
-        return _report(pool.encoding_error(exc, results), spec.task_id, -1, -1)
+        return _report(encoding_error(exc, results), spec.task_id, -1, -1)
     return Reply(RESULT, spec.task_id, payload)
 
 
