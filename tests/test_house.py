@@ -584,3 +584,114 @@ def test_operands_that_need_a_third_dimension_are_copied_once_for_every_engine()
     for backend in ("serial", "threads"):
         for func in (np.sqrt, cm.kernels.affine(2.0, 1.0), lambda v: v * 0.5):
             np.testing.assert_allclose(cm.parallel_map(x, func, backend=backend), func(x))
+
+
+# -- logic written once: where a function raised, how a worker ended, a function's name ------
+
+
+def _raises_at_3(v):
+    if v == 3:
+        raise ValueError("three")
+    return v
+
+
+def _raises_with_its_own_note(v):
+    exc = ValueError("refused by the validator")
+    if hasattr(exc, "add_note"):
+        exc.add_note("raised by the validator, not by coremap")
+    raise exc
+
+
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="notes: Python 3.11+")
+def test_the_raised_by_note_is_added_once_across_worker_and_parent():
+    x = np.arange(8.0)
+    for backend in ("serial", "processes"):  # processes: noted in the worker, not again
+        with pytest.raises(ValueError, match="three") as info:
+            cm.parallel_map(x, _raises_at_3, backend=backend, workers=2, dtype=np.float64)
+        notes = [n for n in info.value.__notes__ if n.startswith("raised by")]
+        assert len(notes) == 1 and notes[0].endswith("at element index (3,)"), notes
+    # the parent reads the worker's mark, not the notes' text: a note of the function's
+    # own that happens to say "raised by" does not stand for coremap's
+    with pytest.raises(ValueError, match="validator") as info:
+        cm.parallel_map(x, _raises_with_its_own_note, vectorized=True, backend="processes",
+                        workers=2, dtype=np.float64)
+    own, ours = info.value.__notes__
+    assert own == "raised by the validator, not by coremap"
+    assert "in a worker process, on the chunk of elements (0,)" in ours
+
+
+def test_the_raised_by_mark_travels_with_a_pickled_exception():
+    import pickle
+
+    from coremap._errors import note_raised_by, raised_by_noted
+
+    exc = KeyError("k")
+    assert not raised_by_noted(exc)
+    note_raised_by(exc, "f", "at element index (2,)")
+    back = pickle.loads(pickle.dumps(exc))
+    assert raised_by_noted(back)
+    assert getattr(back, "__notes__", ["raised by f at element index (2,)"]) == \
+        ["raised by f at element index (2,)"]
+
+
+def test_exit_text_names_the_signal_or_the_exit_code():
+    from coremap._errors import exit_text
+
+    assert exit_text(-9) == "died (signal SIGKILL)"
+    assert exit_text(-11) == "died (signal SIGSEGV)"
+    assert exit_text(-200) == "died (signal 200)"  # no signal of that number
+    assert exit_text(3) == "died (exit code 3)"
+    assert exit_text(None) == "died (exit code None)"
+    assert exit_text(-9, stopped_for=3.0) == (
+        "was stopped (SIGSTOP or similar) for 3.0 s without progress and was killed")
+
+
+def test_the_pool_names_its_functions_by_the_one_digest():
+    import pickle
+
+    from coremap import pool
+    from coremap._functions import digest
+
+    blob = pickle.dumps(abs)
+    assert pool._Job(blob, "map", None).key == digest(blob)
+
+
+def test_function_cache_keeps_the_newest_function_however_large():
+    import cloudpickle
+
+    from coremap._functions import FunctionCache
+
+    small = [cloudpickle.dumps(lambda v, k=k: v + k) for k in range(3)]
+    big = cloudpickle.dumps(lambda v, a=np.zeros(2000): v + a[0])
+    assert max(map(len, small)) * 3 < 4000 < len(big)
+    cache = FunctionCache(size=8, max_bytes=4000)
+    for blob in small:
+        cache.load(blob)
+    assert len(cache) == 3
+    f = cache.load(big)
+    assert len(cache) == 1 and cache.load(big) is f  # alone, but kept
+    cache.load(small[0])
+    assert len(cache) == 1  # the large one made room
+
+
+def _counter(offset):
+    calls = [0]
+
+    def count(v):
+        calls[0] += 1
+        return float(offset + calls[0])
+
+    return count
+
+
+def test_a_process_worker_unpickles_each_function_once():
+    # Each function object lives on in the worker between calls (Numba keys its compiled
+    # code on it), so the state a function keeps there carries from one call to the next,
+    # even when calls alternate between two functions.
+    f, g = _counter(0), _counter(10)
+    x = np.zeros(1)
+
+    def run(h):
+        return cm.parallel_map(x, h, backend="processes", workers=1, dtype=np.float64)[0]
+
+    assert [run(f), run(g), run(f), run(g)] == [1.0, 11.0, 2.0, 12.0]

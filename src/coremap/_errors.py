@@ -2,7 +2,9 @@
 clauses and warning filters work.
 
 The bottom of the import graph: every layer (front ends, planner, engines) may
-import this module, and it imports nothing of coremap.
+import this module, and it imports nothing of coremap. It also writes the two texts
+several layers add to errors: where the function raised (:func:`note_raised_by`)
+and how a worker process ended (:func:`exit_text`).
 """
 from __future__ import annotations
 
@@ -60,3 +62,42 @@ class RemoteError(RuntimeError):
 
     def __reduce__(self):
         return type(self), (self.type_name, self.message, self.traceback)
+
+
+# The mark that ``note_raised_by`` leaves on an exception: an attribute, so it travels
+# with the exception's ``__dict__`` when a worker pickles it back.
+_RAISED_BY = "_coremap_raised_by"
+
+
+def note_raised_by(exc: BaseException, func_name: str, where: str) -> None:
+    """Note on ``exc`` that ``func_name`` raised it, and ``where`` ("at element index
+    (3,)"), and mark ``exc`` so: a layer it passes through next (the parent of the
+    worker it came from) reads :func:`raised_by_noted` instead of the notes' text."""
+    if hasattr(exc, "add_note"):  # Python >= 3.11
+        exc.add_note(f"raised by {func_name} {where}")
+    try:
+        setattr(exc, _RAISED_BY, func_name)
+    except Exception:  # noqa: S110 - a type that refuses attributes: noted, not marked
+        pass
+
+
+def raised_by_noted(exc: BaseException) -> bool:
+    """True if :func:`note_raised_by` located ``exc`` already (in any layer)."""
+    return getattr(exc, _RAISED_BY, None) is not None
+
+
+def exit_text(exitcode: int | None, stopped_for: float | None = None) -> str:
+    """How a worker process ended, as :class:`WorkerCrashedError` messages say it:
+    ``died (signal SIGKILL)``, ``died (exit code 3)``, or, after ``stopped_for``
+    seconds stopped (SIGSTOP), that it was killed."""
+    if stopped_for is not None:
+        return (f"was stopped (SIGSTOP or similar) for {stopped_for} s without progress "
+                "and was killed")
+    if exitcode is not None and exitcode < 0:
+        import signal
+
+        try:
+            return f"died (signal {signal.Signals(-exitcode).name})"
+        except ValueError:
+            return f"died (signal {-exitcode})"
+    return f"died (exit code {exitcode})"

@@ -22,6 +22,7 @@ from time import perf_counter_ns
 import numpy as np
 
 from coremap import _layout, _shm
+from coremap._errors import note_raised_by
 from coremap._functions import FunctionCache
 from coremap._insights import observed
 from coremap._kernels import _runner
@@ -31,7 +32,6 @@ from coremap._tasks import (
     index,
     native_kernel,
     native_task,
-    note,
     probe,
     python_task,
     raise_native_failure,
@@ -253,8 +253,8 @@ def _raise_errors(plan, errors, job, space, native) -> None:
     if errors.first is not None:
         exc, lo, hi = errors.first
         if plan.kind != "python":
-            note(exc, f"raised by {plan.func_name} on the chunk of elements "
-                       f"{index(plan, lo)} to {index(plan, hi - 1)}")
+            note_raised_by(exc, plan.func_name, "on the chunk of elements "
+                           f"{index(plan, lo)} to {index(plan, hi - 1)}")
         raise exc
     failed = job.failed_chunk
     if failed is not None:

@@ -21,6 +21,7 @@ import threading
 import numpy as np
 
 from coremap import _config, _layout
+from coremap._errors import note_raised_by
 from coremap._kernels import _runner
 from coremap._tasks import Errors, native_task, python_task
 
@@ -293,8 +294,7 @@ def _raise_element(func, inputs, space, lo, hi):
         try:
             disp(*args)
         except Exception as exc:
-            if hasattr(exc, "add_note"):
-                exc.add_note(f"raised by {_name(func)} at element {i} (flat, C order)")
+            note_raised_by(exc, _name(func), f"at element {i} (flat, C order)")
             raise
     raise RuntimeError(f"{_name(func)} failed in elements {lo}..{hi - 1} but not when re-run")
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import numpy as np
 
 from coremap import _config, _containers, _layout
+from coremap._errors import note_raised_by
 from coremap._kernels import _runner
 
 if TYPE_CHECKING:
@@ -410,9 +411,8 @@ def _raise_element_failure(call, kfunc, views, red, failed, B, nb):
         raise RuntimeError(f"{_name(call.func)} failed in a block but not when re-run "
                            "element by element (is it non-deterministic?)")
     i, exc = found
-    if hasattr(exc, "add_note"):
-        exc.add_note(f"raised by {_name(call.func)} at element index "
-                     f"{call.element_index(*divmod(i, call.N), red)}")
+    note_raised_by(exc, _name(call.func),
+                   f"at element index {call.element_index(*divmod(i, call.N), red)}")
     raise exc
 
 

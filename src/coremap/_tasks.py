@@ -15,6 +15,7 @@ from time import perf_counter_ns
 
 import numpy as np
 
+from coremap._errors import note_raised_by
 from coremap._kernels._numba import kernel_scope
 
 
@@ -73,11 +74,6 @@ def python_task(chunk, errors):
     return task
 
 
-def note(exc: BaseException, text: str) -> None:
-    if hasattr(exc, "add_note"):  # Python >= 3.11
-        exc.add_note(text)
-
-
 def index(plan, i: int) -> tuple[int, ...]:
     if not plan.shape:
         return ()
@@ -122,7 +118,7 @@ def raise_native_failure(plan, space, lo: int, hi: int):
             "re-run one element at a time (is it non-deterministic?)"
         )
     i, exc = found
-    note(exc, f"raised by {plan.func_name} at element index {index(plan, i)}")
+    note_raised_by(exc, plan.func_name, f"at element index {index(plan, i)}")
     raise exc
 
 
@@ -178,8 +174,8 @@ def chunk_function(plan, space, errors: Errors):
                     append(value)
             except Exception as exc:
                 # map stopped at the failing element: len(res) elements succeeded
-                note(exc, f"raised by {plan.func_name} at element index "
-                          f"{index(plan, lo + len(res))}")
+                note_raised_by(exc, plan.func_name,
+                               f"at element index {index(plan, lo + len(res))}")
                 raise
             store(res, r0, r1, c0, c1, lo)
             lo += count

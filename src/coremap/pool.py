@@ -70,7 +70,7 @@ from multiprocessing.pool import (  # type: ignore[attr-defined] # not in typesh
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 from coremap import _config, _shm
-from coremap._errors import WorkerCrashedError
+from coremap._errors import WorkerCrashedError, exit_text
 from coremap._functions import digest
 from coremap.engines._messages import (
     ERROR,
@@ -1130,13 +1130,10 @@ class Pool:
         with self._lock:
             task = self._busy.pop(w, None)
         if task is not None:
-            code = w.process.exitcode
-            what = f"died ({_describe_exit(code)})"
-            if stopped:
-                from coremap.engines._processes import STOPPED_GRACE
+            from coremap.engines._processes import STOPPED_GRACE
 
-                what = (f"was stopped (SIGSTOP or similar) for {STOPPED_GRACE} s without "
-                        "progress and was killed")
+            code = w.process.exitcode
+            what = exit_text(code, STOPPED_GRACE if stopped else None)
             task.job.result._set(task.index, False, WorkerCrashedError(
                 f"pool worker {w.process.pid} {what} while running task {task.index}",
                 pid=w.process.pid, exitcode=code))
@@ -1187,17 +1184,6 @@ def _send_quietly(w: _Worker, msg: Any) -> bool:
     except OSError:
         return False
     return True
-
-
-def _describe_exit(code: int | None) -> str:
-    import signal
-
-    if code is not None and code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
 
 
 def _pipe() -> tuple[Connection, Connection]:

@@ -135,7 +135,7 @@ class ErrorInfo(NamedTuple):
     type_name: str  # module.qualname
     message: str
     traceback: str
-    notes: list
+    raised_by_noted: bool  # the worker noted where it was raised (``_errors.note_raised_by``)
 
     @property
     def exits(self) -> bool:

@@ -38,18 +38,17 @@ segment names on the way out (``_worker._orphaned``).
 from __future__ import annotations
 
 import atexit
-import hashlib
 import itertools
 import os
 import pickle
-import signal
 import threading
 import time
 from multiprocessing.connection import wait
 from typing import NamedTuple
 
 from coremap import _shm
-from coremap._errors import RemoteError, WorkerCrashedError
+from coremap._errors import RemoteError, WorkerCrashedError, exit_text, note_raised_by
+from coremap._functions import digest
 from coremap.engines._messages import (
     DONE,
     ERROR,
@@ -388,7 +387,7 @@ class ProcessEngine:
             slot_view[:] = -1
             spec = spec._replace(
                 task_id=next(self._ids), keep=frozenset(self.pool.names()),
-                func_key=hashlib.blake2b(spec.func, digest_size=16).hexdigest())
+                func_key=digest(spec.func))
             sent, started = 0, []
             try:
                 for w in procs:
@@ -574,26 +573,16 @@ class ProcessEngine:
     def _rebuild_error(self, reply: Reply, spec) -> BaseException:
         exc = rebuild_error(reply)
         err = reply.error
-        if hasattr(exc, "add_note") and not any("raised by" in n for n in err.notes):
-            exc.add_note(f"raised by {spec.func_name} in a worker process, on the "
-                         f"{self._chunk_text(err.lo, err.hi, spec)}")
+        if not err.raised_by_noted:
+            note_raised_by(exc, spec.func_name, "in a worker process, on the "
+                           f"{self._chunk_text(err.lo, err.hi, spec)}")
         return exc
 
     def _crash_error(self, w, slot_view, spec, stopped: bool = False) -> WorkerCrashedError:
         w.process.join(1)
         code = w.process.exitcode
         lo, hi = (int(v) for v in slot_view[w.index])
-        if code is not None and code < 0:
-            try:
-                how = f"signal {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"signal {-code}"
-        else:
-            how = f"exit code {code}"
-        what = f"died ({how})"
-        if stopped:
-            what = (f"was stopped (SIGSTOP or similar) for {STOPPED_GRACE} s without "
-                    "progress and was killed")
+        what = exit_text(code, STOPPED_GRACE if stopped else None)
         return WorkerCrashedError(
             f"worker process {w.process.pid} {what} while computing "
             f"{self._chunk_text(lo, hi, spec)} of {spec.func_name}; it will be replaced",

@@ -23,6 +23,8 @@ import threading
 import time
 import traceback
 
+from coremap._errors import raised_by_noted
+from coremap._functions import FunctionCache
 from coremap.engines._messages import (
     DONE,
     ERROR,
@@ -123,28 +125,16 @@ def _report(exc: BaseException, task_id, lo, hi) -> Reply:
     except Exception:
         payload = None
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    notes = list(getattr(exc, "__notes__", ()))
-    return Reply(ERROR, task_id, error=ErrorInfo(lo, hi, payload, name, str(exc), tb, notes))
+    return Reply(ERROR, task_id, error=ErrorInfo(lo, hi, payload, name, str(exc), tb,
+                                                 raised_by_noted(exc)))
 
 
-def _load(spec: TaskSpec, funcs: dict):
-    import cloudpickle
-
-    func = funcs.get(spec.func_key)
-    if func is None:
-        func = cloudpickle.loads(spec.func)
-        if len(funcs) > 64:
-            funcs.clear()
-        funcs[spec.func_key] = func
-    return func
-
-
-def run_task(spec: TaskSpec, funcs: dict) -> Reply:
+def run_task(spec: TaskSpec, funcs: FunctionCache) -> Reply:
     """A Pool task: call the function on a batch of (args, kwds); results go back by
     pickle, with large arrays moved to shared memory (``_transport.py``)."""
     from coremap.engines._transport import encoding_error, export_results, loads_shared
 
-    func = _load(spec, funcs)
+    func = funcs.load(spec.func, spec.func_key)
     items = loads_shared(spec.args, spec.shared, buffers=spec.buffers)
     mode = spec.mode
     if mode == "map":
@@ -195,19 +185,12 @@ def probe(spec: ProbeSpec) -> Reply:
     return Reply(PROBED, spec.task_id, values)
 
 
-def run_call(spec: CallSpec, funcs: dict, segments: dict) -> Reply:
+def run_call(spec: CallSpec, funcs: FunctionCache, segments: dict) -> Reply:
     """Compute this worker's share of one call; return the reply message."""
-    import cloudpickle
-
     from coremap import _layout, _shm, _tasks
 
     call_id = spec.task_id
-    func = funcs.get(spec.func_key)
-    if func is None:
-        func = cloudpickle.loads(spec.func)
-        funcs.clear()  # keep one function: Numba's caches key on its identity
-        funcs[spec.func_key] = func
-    call = _Call(spec, func)
+    call = _Call(spec, funcs.load(spec.func, spec.func_key))
     ctrl_name = spec.ctrl.name
     ctrl = segments.get(ctrl_name) or segments.setdefault(ctrl_name, _shm.Segment.attach(ctrl_name))
     views = _views(spec, segments)
@@ -273,7 +256,7 @@ def main(conn, parent_pid: int) -> None:
         threadpool_limits(1)
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
         pass
-    funcs: dict = {}
+    funcs = FunctionCache()  # the same object per function: Numba's caches key on it
     segments: dict = {}
     while True:
         try:
