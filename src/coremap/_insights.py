@@ -31,9 +31,13 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from coremap._kernels import _runner
 from coremap._kernels._numba import kernel_scope
+
+if TYPE_CHECKING:
+    from coremap._plan import Plan
 
 _local = threading.local()
 
@@ -182,7 +186,7 @@ class Insights:
         messages to the workers. None on other engines.
     """
 
-    plan: object
+    plan: Plan
     result: object
     wall_s: float
     plan_s: float
@@ -247,11 +251,12 @@ def _ms(seconds: float) -> str:
 def _bytes(n: int | None) -> str:
     if n is None:
         return "-"
+    value: float = n
     for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
+        if value < 1000 or unit == "GB":
+            return f"{value:.3g} {unit}" if unit != "B" else f"{value} B"
+        value /= 1000
+    return f"{value} B"  # pragma: no cover
 
 
 def _compile_seconds(buffer) -> float:

@@ -47,10 +47,14 @@ def numba_outputs(func, in_dtypes) -> tuple[np.dtype, ...] | None:
     if types_ not in st.dispatcher.overloads:
         return None  # never compiled: not a tuple-returning function we saw fail
     rtype = st.dispatcher.overloads[types_].signature.return_type
-    if not isinstance(rtype, numba.types.BaseTuple) or not all(
-            isinstance(t, (numba.types.Number, numba.types.Boolean)) for t in rtype):
+    if not isinstance(rtype, numba.types.BaseTuple):
         return None
-    return tuple(numpy_support.as_dtype(t) for t in rtype)
+    # Every concrete tuple type (UniTuple, Tuple, the named ones) iterates over its
+    # element types; Numba's annotations leave __iter__ off their common base class.
+    parts = list(rtype)  # type: ignore[call-overload]
+    if not all(isinstance(t, (numba.types.Number, numba.types.Boolean)) for t in parts):
+        return None
+    return tuple(numpy_support.as_dtype(t) for t in parts)
 
 
 def returns_tuple(arrays, func, vectorized: bool) -> bool:

@@ -260,6 +260,7 @@ def _combine(op: _Op, kop, P: np.ndarray, PI: np.ndarray | None) -> tuple:
     """Per-row result from the ``(M, nb)`` partials, in a fixed pairwise tree."""
     if op.is_arg:
         pick = np.argmin(P, axis=1) if op.name == "argmin" else np.argmax(P, axis=1)
+        assert PI is not None  # arg reductions always carry their index partials
         rows = np.arange(P.shape[0])
         return P[rows, pick], PI[rows, pick]
     if kop in ("min", "max", "any", "all") and P.shape[1] > 1:
@@ -277,6 +278,7 @@ def _finish(call: _Call, values: np.ndarray, index: np.ndarray | None, map_dtype
     op = call.op
     res_dtype = op.result_dtype(map_dtype, call.dtype)
     if op.is_arg:
+        assert index is not None  # _combine returns an index for arg reductions
         res = index.astype(np.intp)
     else:
         res = values

@@ -48,6 +48,7 @@ import sys
 import threading
 import types
 import weakref
+from typing import Any
 
 import numpy as np
 
@@ -190,6 +191,9 @@ class _Compiled:
 
     __slots__ = ("dispatcher", "watch", "signatures", "kernels", "verdicts", "own",
                  "__weakref__")
+
+    dispatcher: Any  # a numba Dispatcher (numba has no type information)
+    watch: _rebuild.Watch
 
     def __init__(self, func, check_int: bool = True) -> None:
         numba = _numba()

@@ -193,6 +193,7 @@ def block_kernel(func, op: str, in_dtypes: tuple, acc_dtype: np.dtype, classes: 
     Compiled once per (function, op, input dtypes, accumulator dtype, stride classes).
     """
     key = (op, tuple(in_dtypes), np.dtype(acc_dtype), classes)
+    owner: object  # the key of _kernels: _identity or the function's _numba._Compiled
     if func is None:
         owner = _identity
     else:  # the function's compiled state: replaced when a global it read changes
