@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import types
+from typing import Any
 
 # name -> can overflow (CPython's ``can_overflow`` flag; False means an infinite
 # result from a finite argument is a pole, ValueError)
@@ -47,7 +48,7 @@ def {name}(x, y):
     return _check2(x, y, math.{name}(x, y), {overflow})
 """
 
-_module = None
+_module: types.ModuleType | None = None
 
 
 # The checks are split in two: a hot part, one ``isfinite`` test of the result,
@@ -178,7 +179,7 @@ def module() -> types.ModuleType:
     import numba
 
     jit = numba.njit(nogil=True, error_model="python")
-    ns = {"math": math}
+    ns: dict[str, Any] = {"math": math}  # exec fills in the generated functions
     rules = {"math": math, "_rule1": jit(_rule1), "_rule2": jit(_rule2)}
     ns["_check1"] = jit(types.FunctionType(_check1.__code__, rules, "_check1"))
     ns["_check2"] = jit(types.FunctionType(_check2.__code__, rules, "_check2"))
@@ -202,7 +203,7 @@ def module() -> types.ModuleType:
     return mod
 
 
-def checked(value):
+def checked(value: object) -> object:
     """The checked stand-in for ``value`` (the ``math`` module or one of its functions)."""
     if value is math:
         return module()

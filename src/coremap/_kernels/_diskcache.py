@@ -177,7 +177,9 @@ def _classes():
     from numba.core import caching
 
     class Locator(caching._CacheLocator):
-        def __init__(self, path: str, key: str) -> None:
+        # path: directory(), or None if the cache was turned off since the caller
+        # looked (Numba's Cache then fails to open and _enable compiles in memory)
+        def __init__(self, path: str | None, key: str) -> None:
             self._path = path
             self._key = key
 
