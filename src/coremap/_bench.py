@@ -19,7 +19,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,8 @@ def median_time(fn: Callable[[], object], repeat: int = 5) -> float:
 GAP = 0.02
 
 
-def time_interleaved(contenders: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+def time_interleaved(contenders: Mapping[str, Callable[[], object]],
+                     repeat: int) -> dict[str, float]:
     """Median seconds per contender, each warmed once, timed in a shuffled order."""
     import random
 
@@ -194,7 +196,7 @@ def bench_w1(n: int, repeat: int) -> list[Row]:
     copy = t["copy, 2 threads (bandwidth)"]
     for r in rows:
         if r.contender == "coremap":
-            r.target, r.met = ">= 1.5x numpy", r.speedup >= 1.5
+            r.target, r.met = ">= 1.5x numpy", base / r.seconds >= 1.5
         elif r.contender.startswith("coremap") and "out=" in r.contender:
             ok_peer = r.seconds <= peers_out
             ok_bw = copy / r.seconds >= 0.85
@@ -286,7 +288,8 @@ def bench_w4(n: int, repeat: int, pool: bool = True) -> list[Row]:
     import multiprocessing as mp
 
     x = _workloads.data(n)
-    contenders = {
+    # Callable[..., object]: some contenders bind a loop value as a default argument
+    contenders: dict[str, Callable[..., object]] = {
         "serial: list comprehension": lambda: np.array([_workloads.w4(v) for v in x.tolist()]),
         "serial: np.fromiter(map)": lambda: _workloads.w4_serial(x),
         "serial: np.frompyfunc": lambda: np.frompyfunc(_workloads.w4, 1, 1)(x).astype(float),
@@ -354,7 +357,8 @@ def bench_pool(repeat: int, arrays: int = 16, mb: int = 8) -> list[Row]:
         }, repeat)
         rows = [Row(f"Pool {arrays}x{mb}MB", k, v, t["multiprocessing.Pool"] / v)
                 for k, v in t.items()]
-        rows[-1].target, rows[-1].met = ">= 2x multiprocessing.Pool", rows[-1].speedup >= 2
+        rows[-1].target = ">= 2x multiprocessing.Pool"
+        rows[-1].met = t["multiprocessing.Pool"] / rows[-1].seconds >= 2
         t = time_interleaved({
             "multiprocessing.Pool": lambda: mp_pool.map(_square, items),
             "coremap.Pool": lambda: cm_pool.map(_square, items),
@@ -396,11 +400,12 @@ def bench_w5(repeat: int) -> list[Row]:
     }
     for fn in contenders.values():
         fn()
-    t = {}
+    samples: dict[str, list[float]] = {}
     for _ in range(repeat):
         for k, fn in contenders.items():
-            t.setdefault(k, []).append(min(timeit.repeat(fn, number=200, repeat=3)) / 200)
-    t = {k: statistics.median(v) for k, v in t.items()}
+            samples.setdefault(k, []).append(
+                min(timeit.repeat(fn, number=200, repeat=3)) / 200)
+    t = {k: statistics.median(v) for k, v in samples.items()}
     rows = [Row("W5 1e+03", k, v, t["numpy"] / v) for k, v in t.items()]
     for r in rows:
         if r.contender.startswith("coremap"):
@@ -424,7 +429,7 @@ def bench_w6(n: int, repeat: int) -> list[Row]:
     def two(a, b):  # W2 of a, plus b: compiled as one kernel
         return np.sin(a) * np.exp(-a * a) + np.sqrt(a) + b
 
-    contenders = {}
+    contenders: dict[str, Callable[..., object]] = {}  # each binds its arrays by default
     for name, arrays in variants.items():
         func = two if len(arrays) == 2 else _workloads.w2
         arg = arrays if len(arrays) == 2 else arrays[0]
@@ -456,7 +461,7 @@ def bench_jit(repeat: int) -> list[Row]:
     salt = time.time_ns() % 10**9
     for k in range(repeat):
         src = f"def f{k}(v):\n    return np.sin(v) * {k + 2}.{salt:09d} + v\n"
-        ns = {"np": np}
+        ns: dict[str, Any] = {"np": np}
         exec(src, ns)
         f = ns[f"f{k}"]
         t0 = time.perf_counter()
@@ -474,7 +479,7 @@ def bench_jit(repeat: int) -> list[Row]:
 
     # microsecond calls: best of several timeit runs, back to back (no pause:
     # time_interleaved's pause would measure a cold CPU instead)
-    t = {}
+    t: dict[str, float] = {}
     for _ in range(max(repeat, 5)):
         for name, fn in (("kernel alone", lambda: _runner.run_inline(addr, ptrs, meta, 0,
                                                                       small.size)),
@@ -525,21 +530,27 @@ def bench_scaling(sizes, repeat: int, workers: list[int] | None = None) -> list[
     import numba
 
     workers = workers or scaling_workers(_config.usable_cores())
-    workers = [w for w in workers if w <= numba.config.NUMBA_NUM_THREADS]
+    # numba.config sets its options from the environment at run time: not declared
+    max_threads = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    workers = [w for w in workers if w <= max_threads]
     _, _, prange_out, serial = _numba_peers(_workloads.w2)
     rows: list[Row] = []
     for n in sizes:
         x = _workloads.data(n)
-        calls: dict[str, tuple[Callable[[], object], object]] = {
+        # (call, context): Callable[..., object], as some bind w as a default argument
+        calls: dict[str, tuple[Callable[..., object], object]] = {
             "numba 1 thread": (lambda: serial(x, np.empty_like(x)), None),  # noqa: B023
         }
         for w in workers:
             calls[f"coremap w={w}"] = (
                 lambda: cm.parallel_map(x, _workloads.w2),  # noqa: B023
                 lambda w=w: cm.config(workers=w))
-            calls[f"prange w={w}"] = (
-                lambda w=w: (numba.set_num_threads(w),
-                             prange_out(x, np.empty_like(x))), None)  # noqa: B023
+
+            def prange_at(w: int = w) -> object:
+                numba.set_num_threads(w)
+                return prange_out(x, np.empty_like(x))  # noqa: B023
+
+            calls[f"prange w={w}"] = (prange_at, None)
             if _has("numexpr"):
                 import numexpr
 
@@ -553,7 +564,7 @@ def bench_scaling(sizes, repeat: int, workers: list[int] | None = None) -> list[
         k = max(1, int(2e-3 / max(one, 1e-7)))
         t = time_interleaved({name: _batched(fn, k, context)
                               for name, (fn, context) in calls.items()}, repeat)
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(max_threads)
         base = t["numba 1 thread"] / k
         for name, sec in t.items():
             rows.append(_scaling_row(n, name, sec / k, base, t, workers))
@@ -568,10 +579,10 @@ def _scaling_row(n, name, sec, base, t, workers) -> Row:
         row.note = f"{prange:.2f}x prange w={w}"
         if w == 1 and n >= 10**6:
             row.target = ">= 0.95x one Numba thread"
-            row.met = row.speedup >= 0.95
+            row.met = base / sec >= 0.95
         elif w == workers[-1] and n >= 10**4:
             row.target = ">= 1.0x one thread" + (", >= 0.9x prange" if n >= 3 * 10**4 else "")
-            row.met = row.speedup >= 1.0 and (n < 3 * 10**4 or prange >= 0.9)
+            row.met = base / sec >= 1.0 and (n < 3 * 10**4 or prange >= 0.9)
     return row
 
 
@@ -647,7 +658,8 @@ def bench_w8(n: int, repeat: int) -> list[Row]:
     psum, pmax, _ = _prange_reducers(_workloads.w2)
     rows = []
     for op, prange in (("sum", psum), ("max", pmax)):
-        contenders = {
+        # Callable[..., object]: each contender binds its op (or kernel) by default
+        contenders: dict[str, Callable[..., object]] = {
             "numpy": lambda op=op: getattr(_workloads.w2_numpy(x), op)(),
             "numba prange": lambda prange=prange: prange(x),
         }
@@ -669,7 +681,7 @@ def bench_w8(n: int, repeat: int) -> list[Row]:
             if r.contender == "coremap" and op == "sum":
                 vs_prange = t["numba prange"] / r.seconds
                 r.target = ">= 1.0x prange, >= 1.6x numpy"
-                r.met = vs_prange >= 1.0 and r.speedup >= 1.6
+                r.met = vs_prange >= 1.0 and base / r.seconds >= 1.6
                 r.note = f"{vs_prange:.2f}x prange"
         rows += part
     exact = math.fsum(_workloads.w2_numpy(x))
@@ -848,7 +860,7 @@ def plot(rows: list[Row], path: str) -> None:
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, (name, part) in zip(axes.flat, groups.items()):
         labels = [r.contender for r in part]
-        values = [r.speedup for r in part]
+        values = [r.speedup for r in part if r.speedup is not None]  # all of them
         colors = ["#d95f02" if lab.startswith("coremap") else "#7570b3" for lab in labels]
         ax.barh(range(len(part)), values, color=colors)
         for k, v in enumerate(values):
@@ -885,7 +897,7 @@ def plot_scaling(rows: list[Row], path: str) -> None:
     for ax, size in zip(axes.flat, sizes):
         lines: dict[str, list[tuple[int, float]]] = {}
         for r in rows:
-            if r.workload == size and "=" in r.contender:
+            if r.workload == size and "=" in r.contender and r.speedup is not None:
                 tool, w = r.contender.split(" w=")
                 lines.setdefault(tool, []).append((int(w), r.speedup))
         colors = {"coremap": "#d95f02", "prange": "#7570b3", "numexpr": "#1b9e77"}
