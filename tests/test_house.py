@@ -65,19 +65,47 @@ def test_option_table_matches_parallel_map_signature():
     ("backend", "serial"), ("workers", 1), ("chunk_size", 8), ("schedule", "static"),
     ("progress", True), ("timeout", 5.0), ("retries", 1), ("retries", 0.0),
 ])
-def test_any_option_off_its_default_skips_the_fast_path(name, value):
-    options = {**_plan.OPTION_DEFAULTS, name: value}
-    assert not _plan.all_default(**options)
-    assert _plan.all_default(**_plan.OPTION_DEFAULTS)
+def test_any_option_off_its_default_is_keyed_or_skips_the_fast_path(name, value):
+    plain = _plan.fast_key(**_plan.OPTION_DEFAULTS)
+    assert plain is _plan.PLAIN_KEY
+    key = _plan.fast_key(**{**_plan.OPTION_DEFAULTS, name: value})
+    if name in _plan.KEYED_OPTIONS:
+        assert key not in (None, plain) and value in key  # planned once per value
+    elif name == "out":
+        assert key is _plan.PLAIN_OUT_KEY  # the array itself is checked on every call
+    else:
+        assert key is None  # never cached
+
+
+def test_keyed_options_are_keyed_with_their_type():
+    base = _plan.OPTION_DEFAULTS
+    assert _plan.fast_key(**{**base, "workers": 2}) != _plan.fast_key(**{**base, "workers": 2.0})
+    assert _plan.fast_key(**{**base, "workers": 1}) != _plan.fast_key(**{**base, "workers": True})
 
 
 def test_the_fast_path_check_takes_exactly_the_table():
     with pytest.raises(TypeError):
-        _plan.all_default(**{**_plan.OPTION_DEFAULTS, "new_option": 1})
+        _plan.fast_key(**{**_plan.OPTION_DEFAULTS, "new_option": 1})
     options = dict(_plan.OPTION_DEFAULTS)
     options.popitem()
     with pytest.raises(TypeError):
-        _plan.all_default(**options)
+        _plan.fast_key(**options)
+
+
+@pytest.mark.parametrize("good,bad,error", [
+    ({"workers": 2}, {"workers": 0}, ValueError),
+    ({"workers": 2}, {"workers": 2.0}, TypeError),
+    ({"schedule": "static"}, {"schedule": "statics"}, ValueError),
+    ({"chunk_size": 64}, {"chunk_size": -1}, ValueError),
+    ({"backend": "serial"}, {"backend": "serials"}, ValueError),
+])
+def test_a_keyed_option_is_validated_for_each_new_value(good, bad, error):
+    x = np.arange(2000.0)
+    f = lambda v: v * 3.0  # noqa: E731
+    for _ in range(3):  # planned, then cached
+        np.testing.assert_array_equal(cm.parallel_map(x, f, **good), x * 3.0)
+    with pytest.raises(error):
+        cm.parallel_map(x, f, **bad)
 
 
 def test_a_non_default_option_is_validated_after_a_fast_call():

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, overload
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from coremap import _config, _containers, _fastpath, _insights, _multi
+from coremap import _containers, _fastpath, _insights, _multi
 from coremap._errors import CoremapWarning
 from coremap._execute import execute
 from coremap._insights import Insights
-from coremap._plan import Plan, all_default, make_plan, plan_call
+from coremap._plan import Plan, fast_key, make_plan, plan_call
 from coremap._typing import Backend, KernelFunc, Schedule
 
 if TYPE_CHECKING:
@@ -230,15 +230,12 @@ def parallel_map(
     >>> cm.parallel_map((x, 2.0), np.power)
     array([0.    , 0.0625, 0.25  , 0.5625, 1.    ])
     """
-    key = items = None
-    if all_default(out=out, dtype=dtype, vectorized=vectorized, backend=backend,
-                   workers=workers, chunk_size=chunk_size, schedule=schedule,
-                   progress=progress, timeout=timeout, retries=retries):  # fast path
-        entry, items, key = _fastpath.lookup(arrays, func)
-        if entry is not None:
-            result = _fastpath.run(entry, func, items)
-            if result is not None:
-                return result
+    options_key = fast_key(out=out, dtype=dtype, vectorized=vectorized, backend=backend,
+                           workers=workers, chunk_size=chunk_size, schedule=schedule,
+                           progress=progress, timeout=timeout, retries=retries)
+    entry, items, key = _fastpath.lookup(arrays, func, options_key)
+    if entry is not None and (result := _fastpath.run(entry, func, items, out)) is not None:
+        return result  # the fast path (_fastpath.py)
     options = dict(dtype=dtype, vectorized=vectorized, backend=backend, workers=workers,
                    chunk_size=chunk_size, schedule=schedule, timeout=timeout, retries=retries)
     return _full_path(arrays, func, out, progress, options, key, items)
@@ -353,8 +350,6 @@ def explain(
 def _explain_run(arrays, func, kwargs) -> Insights:
     """``explain(..., run=True)``: the call, run under a recorder (``_insights.py``)."""
     progress = kwargs.pop("progress", False)
-    if kwargs.get("workers") is None:  # explicit workers: the full path, where the hook is
-        kwargs["workers"] = _config.default_workers()
     if _containers.find(arrays if isinstance(arrays, tuple) else (arrays,)) is None:
         def run_call(call):
             if call.warning:

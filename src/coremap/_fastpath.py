@@ -8,8 +8,14 @@ planner; if its layout is the simple one (every array C-contiguous with the
 full shape, scalars broadcast), the decisions are cached, and later calls only
 build a key, allocate the output and run the kernel.
 
-Anything unusual (``out=``, options, views, lists, a kernel error) takes the
-full path, which also produces the error messages.
+Options are part of the key (``_plan.fast_key``): a call with ``workers=``,
+``backend=``, ``schedule=``, ``chunk_size=`` or ``dtype=`` off their defaults is
+planned (and checked) once per distinct value, then cached like any other. An
+``out=`` array is checked on every call: C-contiguous, aligned, writeable, of
+the call's shape and cached dtype, and sharing no memory with an input unless
+it is that very input (``out=x``). Anything else unusual (progress, timeout,
+views, lists, a kernel error) takes the full path, which also produces the
+error messages.
 
 A compiled function that reads globals is checked on every call, here too:
 ``entry.watch.current()`` is False once a global number it read changed or a
@@ -21,10 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from coremap import _config
+from coremap import _config, _insights
 from coremap._execute import ESCALATE_NS, new_job
 from coremap._kernels import _runner
 from coremap._kernels._numba import kernel_scope
+from coremap._plan import PLAIN_KEY
 from coremap._tasks import native_task
 from coremap.engines import get_engine
 from coremap.kernels import Affine
@@ -64,11 +71,19 @@ def _key(func, items):
     return (func, shape, *parts, _config.defaults_key()), shape
 
 
-def lookup(arrays, func):
-    """The cached entry for this call, and the call's items; ``(None, None)`` on a miss."""
+def lookup(arrays, func, options_key):
+    """The cached entry for this call (or None), the call's items, and its key.
+
+    ``options_key`` is ``_plan.fast_key``'s; None (an option the fast path does not
+    carry) gives ``(None, None, None)``.
+    """
+    if options_key is None or _insights.recording:  # explain(run=True) hooks the full path
+        return None, None, None
     items = arrays if type(arrays) is tuple else (arrays,)
     try:
         key, _ = _key(func, items)
+        if key is not None:
+            key = (*key, options_key)
         entry = _cache.get(key) if key is not None else None
     except TypeError:  # an unhashable function
         return None, None, None
@@ -79,6 +94,10 @@ def remember(key, plan, items) -> None:
     """Cache ``plan`` under ``key`` if its layout is the simple one."""
     if key is None or plan.kind not in ("numba", "builtin", "ufunc") or plan.size == 0:
         return
+    if plan.engine not in ("threads", "serial"):
+        return
+    if plan.kind == "ufunc" and key[-1] is not PLAIN_KEY:
+        return  # a ufunc runs as func(*items) here: no out=, dtype= or engine choice
     for item in items:
         if type(item) is np.ndarray and not (
             item.flags.c_contiguous and item.dtype.isnative and item.shape == plan.shape
@@ -119,7 +138,23 @@ def remember(key, plan, items) -> None:
     _cache[key] = e
 
 
-def run(entry, func, items):
+def _usable_out(out, entry, arrays) -> bool:
+    """Can the kernel write straight into ``out``? (else the full path handles it)"""
+    if not (type(out) is np.ndarray and out.shape == entry.shape and out.dtype == entry.dtype):
+        return False
+    flags = out.flags
+    if not (flags.c_contiguous and flags.aligned and flags.writeable):
+        return False
+    for a in arrays:
+        # an input that is out itself is fine (element i is read, then written);
+        # any other overlap is the full path's to sort out
+        if type(a) is np.ndarray and np.may_share_memory(a, out) and not (
+                a.ctypes.data == out.ctypes.data and a.dtype.itemsize == out.dtype.itemsize):
+            return False
+    return True
+
+
+def run(entry, func, items, out=None):
     """Run a cached call; ``None`` if it must be redone on the full path."""
     if entry.kind == "ufunc":
         if entry.engine == "serial":
@@ -132,7 +167,10 @@ def run(entry, func, items):
     arrays = tuple(
         item if d is None else np.asarray(item, d) for item, d in zip(items, entry.scalar_dtypes)
     )
-    out = np.empty(entry.shape, entry.dtype)
+    if out is None:
+        out = np.empty(entry.shape, entry.dtype)
+    elif not _usable_out(out, entry, arrays):
+        return None
     ptrs = _runner.data_pointers((*arrays, out))
     if ptrs is None:
         return None

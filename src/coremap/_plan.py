@@ -62,9 +62,9 @@ KINDS = {
 
 
 # The keyword options of ``parallel_map`` and their defaults: the one table that
-# the fast path's condition is derived from (``all_default``), so a new keyword
-# cannot silently skip the planner's checks (tests/test_house.py compares this
-# table with parallel_map's signature).
+# the fast path's key is derived from (``fast_key``), so a new keyword cannot
+# silently skip the planner's checks (tests/test_house.py compares this table
+# with parallel_map's signature).
 OPTION_DEFAULTS: dict[str, object] = {
     "out": None,
     "dtype": None,
@@ -77,25 +77,47 @@ OPTION_DEFAULTS: dict[str, object] = {
     "timeout": None,
     "retries": 0,
 }
+# Options a cached call may carry: a value off its default is part of the fast
+# path's key, so the first call with it goes through the planner (which checks
+# it) and the calls that repeat it skip the planner. ``out`` is checked on every
+# call by the fast path itself. Every other option must be at its default.
+# (Planning costs ~95 us: a 10^4-element W2 call with workers=1 took 0.58x the
+# time of one Numba thread through the planner, 2-core AMD EPYC.)
+KEYED_OPTIONS = ("dtype", "backend", "workers", "chunk_size", "schedule")
+PLAIN_KEY = ("plain",)
+PLAIN_OUT_KEY = ("plain", "out")
 
 
-def _compile_all_default():
+def _compile_fast_key():
     # Generated from the table, as dataclasses and namedtuple generate their methods:
     # a call that must pass every option by name (a missing or unknown one is a
     # TypeError on the first call), compared by identity, in ~0.2 us. A generic loop
     # over locals() measured 0.8-1.2 us, a fifth of a cached call's time (W5).
-    # Identity is conservative: an equal but distinct value takes the full path.
+    # Identity is conservative: an equal but distinct default takes the full path,
+    # and a keyed value is keyed with its type (workers=2 and workers=2.0 differ).
     names = list(OPTION_DEFAULTS)
-    namespace = {f"_d{k}": v for k, v in enumerate(OPTION_DEFAULTS.values())}
-    test = " and ".join(f"{n} is _d{k}" for k, n in enumerate(names))
-    exec(f"def all_default(*, {', '.join(names)}):\n    return {test}\n", namespace)
-    function = namespace["all_default"]
-    function.__doc__ = "True when every option of ``parallel_map`` is at its default."
+    namespace: dict = {f"_d{k}": v for k, v in enumerate(OPTION_DEFAULTS.values())}
+    namespace.update(_plain=PLAIN_KEY, _plain_out=PLAIN_OUT_KEY)
+    ident = {n: f"{n} is _d{k}" for k, n in enumerate(names)}
+    fixed = [n for n in names if n not in KEYED_OPTIONS and n != "out"]
+    keyed = ", ".join(f"type({n}), {n}" for n in KEYED_OPTIONS)
+    source = (
+        f"def fast_key(*, {', '.join(names)}):\n"
+        f"    if not ({' and '.join(ident[n] for n in fixed)}):\n"
+        f"        return None\n"
+        f"    if {' and '.join(ident[n] for n in KEYED_OPTIONS)}:\n"
+        f"        return _plain if out is None else _plain_out\n"
+        f"    return (out is None, {keyed})\n"
+    )
+    exec(source, namespace)
+    function = namespace["fast_key"]
+    function.__doc__ = ("The options' part of the fast path's key, or None when an option "
+                        "that the fast path does not carry is off its default.")
     function.__module__ = __name__
     return function
 
 
-all_default = _compile_all_default()
+fast_key = _compile_fast_key()
 
 
 @dataclass(frozen=True, repr=False)

@@ -1,0 +1,105 @@
+"""The fast path with options and out=: planned once per distinct option value, then
+cached; results identical to the planner's path, and out= checked on every call."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import coremap as cm
+from coremap import _api
+
+
+def w2(v):
+    return math.sin(v) * math.exp(-v * v) + math.sqrt(v)
+
+
+def _reference(x):
+    return np.array([w2(v) for v in x.tolist()])
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """Counts the calls that went through the planner."""
+    calls = []
+    real = _api.plan_call
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_api, "plan_call", counting)
+    return calls
+
+
+@pytest.mark.parametrize("options", [
+    {"workers": 1}, {"workers": 2}, {"backend": "serial"}, {"backend": "threads"},
+    {"schedule": "static", "workers": 2}, {"chunk_size": 256}, {"dtype": np.float32},
+])
+def test_repeated_options_are_planned_once(planned, options):
+    x = np.random.default_rng(1).random(3000)
+    want = _reference(x).astype(options.get("dtype", np.float64))
+    for _ in range(4):
+        got = cm.parallel_map(x, w2, **options)
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-6 if got.dtype == np.float32 else 0)
+    assert len(planned) == 1
+
+
+@pytest.mark.parametrize("workers", [None, 1, 2])
+def test_out_is_written_and_returned_and_planned_once(planned, workers):
+    x = np.random.default_rng(2).random(5000)
+    out = np.full_like(x, -1.0)
+    for k in range(3):
+        out[:] = -1.0
+        y = cm.parallel_map(x + k, w2, out=out, workers=workers)
+        assert y is out
+        np.testing.assert_array_equal(out, _reference(x + k))
+    assert len(planned) == 1
+
+
+def test_an_out_of_another_dtype_still_casts():
+    x = np.random.default_rng(3).random(3000)
+    out = np.empty(3000, np.float32)
+    for _ in range(3):
+        assert cm.parallel_map(x, w2, out=out) is out
+        np.testing.assert_array_equal(out, _reference(x).astype(np.float32))
+
+
+@pytest.mark.parametrize("case", ["forward", "backward", "same", "strided"])
+def test_overlapping_or_strided_out_matches_numpy_on_every_call(case):
+    for _ in range(3):
+        x = np.arange(4000.0)
+        y = x.copy()
+        if case == "forward":
+            cm.parallel_map(x[:-1], lambda v: v * 2.0, out=x[1:])
+            np.multiply(y[:-1], 2.0, out=y[1:])
+        elif case == "backward":
+            cm.parallel_map(x[1:], lambda v: v * 2.0, out=x[:-1])
+            np.multiply(y[1:], 2.0, out=y[:-1])
+        elif case == "same":
+            assert cm.parallel_map(x, lambda v: v * 2.0, out=x) is x
+            np.multiply(y, 2.0, out=y)
+        else:
+            cm.parallel_map(x[::2].copy(), lambda v: v * 2.0, out=x[1::2])
+            np.multiply(y[::2], 2.0, out=y[1::2])
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_read_only_out_is_refused_every_time():
+    x = np.arange(3000.0)
+    out = np.empty_like(x)
+    cm.parallel_map(x, w2, out=out)
+    out.flags.writeable = False
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            cm.parallel_map(x, w2, out=out)
+
+
+def test_an_out_of_the_wrong_shape_is_refused_after_a_cached_call():
+    x = np.arange(3000.0)
+    cm.parallel_map(x, w2, out=np.empty(3000))
+    cm.parallel_map(x, w2, out=np.empty(3000))
+    with pytest.raises(ValueError):
+        cm.parallel_map(x, w2, out=np.empty(2999))
