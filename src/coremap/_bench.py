@@ -19,8 +19,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -517,7 +517,8 @@ def _batched(fn: Callable[[], object], k: int, context=None) -> Callable[[], obj
     return run
 
 
-def bench_scaling(sizes, repeat: int, workers: list[int] | None = None) -> list[Row]:
+def bench_scaling(sizes: Iterable[int], repeat: int,
+                  workers: list[int] | None = None) -> list[Row]:
     """Strong scaling of W2: coremap, Numba prange and numexpr at 1, 2, 4, ... workers.
 
     Speed-ups are over one Numba thread (a plain ``@njit`` loop into a fresh NumPy
@@ -586,7 +587,7 @@ def _scaling_row(n, name, sec, base, t, workers) -> Row:
     return row
 
 
-def print_scaling(rows: list[Row], file=None) -> None:
+def print_scaling(rows: list[Row], file: TextIO | None = None) -> None:
     """The SCALING rows as a matrix: one line per size, speed-ups per contender."""
     file = file or sys.stdout
     sizes = list(dict.fromkeys(r.workload for r in rows))
@@ -691,7 +692,7 @@ def bench_w8(n: int, repeat: int) -> list[Row]:
     return rows
 
 
-def bench_rows(repeat: int, shape=(10**4, 10**3)) -> list[Row]:
+def bench_rows(repeat: int, shape: tuple[int, int] = (10**4, 10**3)) -> list[Row]:
     """Row sums (``axis=1``) of W2 over a C-ordered 10^4 x 10^3 array."""
     m = np.random.default_rng(0).random(shape)
     _, _, prows = _prange_reducers(_workloads.w2)
@@ -775,7 +776,8 @@ def machine() -> str:
             f"{vers}, coremap {cm.__version__}")
 
 
-def run(workloads=WORKLOADS, quick: bool = False, file=None) -> list[Row]:
+def run(workloads: Iterable[str] = WORKLOADS, quick: bool = False,
+        file: TextIO | None = None) -> list[Row]:
     file = file or sys.stdout
     repeat = 3 if quick else 7
     big = 10**7
@@ -810,7 +812,7 @@ def run(workloads=WORKLOADS, quick: bool = False, file=None) -> list[Row]:
     return rows
 
 
-def print_table(rows: list[Row], file=None) -> None:
+def print_table(rows: list[Row], file: TextIO | None = None) -> None:
     file = file or sys.stdout
     print(f"\n{'workload':16} {'contender':34} {'median':>10} {'speed-up':>9}  "
           f"{'target':42} {'met':4} note", file=file)

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from coremap._kernels import _runner
 from coremap._kernels._numba import kernel_scope
@@ -88,7 +89,12 @@ def report_worker(name: str, chunks: int, elements: int, busy_ns: int) -> None:
         rec.add(name, chunks, elements, busy_ns)
 
 
-def observed(task, job, kernel=None):
+# task(job, caller): how the thread and serial engines run a task
+Task = Callable[[Any, Any], object]
+
+
+def observed(task: Task, job: object,
+             kernel: tuple[int, object, object] | None = None) -> Task:
     """``task``, or a counting equivalent while a recorder is active (see the docstring)."""
     rec = active()
     if rec is None:
@@ -281,7 +287,7 @@ def _compile_seconds(buffer) -> float:
     return total
 
 
-def run(plan_call, run_call) -> Insights:
+def run(plan_call: Callable[[], Any], run_call: Callable[[Any], object]) -> Insights:
     """Plan with ``plan_call()``, run with ``run_call(plan)`` under a recorder; the insights.
 
     While it runs, ``recording`` is non-zero, so every call takes the full path

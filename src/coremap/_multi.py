@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +35,7 @@ PROCESS_MIN_SIZE = 1_000
 _BIG = 1 << 62
 
 
-def numba_outputs(func, in_dtypes) -> tuple[np.dtype, ...] | None:
+def numba_outputs(func: object, in_dtypes: tuple[np.dtype, ...]) -> tuple[np.dtype, ...] | None:
     """The output dtypes of a scalar function Numba compiles to return a tuple, else None."""
     from coremap._kernels import _numba
 
@@ -57,7 +59,7 @@ def numba_outputs(func, in_dtypes) -> tuple[np.dtype, ...] | None:
     return tuple(numpy_support.as_dtype(t) for t in parts)
 
 
-def returns_tuple(arrays, func, vectorized: bool) -> bool:
+def returns_tuple(arrays: object, func: object, vectorized: bool) -> bool:
     """After planning refused the call: does Numba compile ``func`` to return a tuple?"""
     if vectorized or isinstance(func, np.ufunc):
         return False
@@ -70,7 +72,7 @@ def returns_tuple(arrays, func, vectorized: bool) -> bool:
         return False
 
 
-def wants_several(func, out, dtype) -> bool:
+def wants_several(func: object, out: object, dtype: object) -> bool:
     """Cheap checks, before planning: tuple ``out``/``dtype`` or a ufunc with nout > 1."""
     return (isinstance(out, tuple) or isinstance(dtype, (tuple, list))
             or (isinstance(func, np.ufunc) and func.nout > 1))
@@ -334,9 +336,12 @@ def _engine(kind, backend, workers, size):
     return ("serial" if workers == 1 else "threads"), None
 
 
-def parallel_map_several(arrays, func, *, out=None, dtype=None, vectorized=False,
-                         backend=None, workers=None, chunk_size=None, schedule="guided",
-                         progress=False, timeout=None, retries=0):
+def parallel_map_several(arrays: Any, func: Callable[..., Any], *, out: object = None,
+                         dtype: object = None, vectorized: bool = False,
+                         backend: object = None, workers: int | None = None,
+                         chunk_size: int | None = None, schedule: str = "guided",
+                         progress: bool = False, timeout: float | None = None,
+                         retries: int = 0) -> tuple[np.ndarray, ...]:
     """``parallel_map`` for a function with several outputs: a tuple of arrays."""
     from coremap._execute import execute
     from coremap._layout import normalize_inputs

@@ -69,14 +69,14 @@ DYNAMIC_CHUNKS_PER_WORKER = 16
 PROCESS_MIN_SIZE = 1_000
 
 # op name -> (ufunc, block-kernel op)
-_NAMED = {
+_NAMED: dict[str, tuple[np.ufunc, str]] = {
     "sum": (np.add, "sum"), "prod": (np.multiply, "prod"),
     "min": (np.minimum, "min"), "max": (np.maximum, "max"),
     "any": (np.logical_or, "any"), "all": (np.logical_and, "all"),
     "mean": (np.add, "sum"), "argmin": (np.minimum, "argmin"),
     "argmax": (np.maximum, "argmax"),
 }
-_KERNEL_OF_UFUNC = {np.add: "sum", np.multiply: "prod", np.minimum: "min",
+_KERNEL_OF_UFUNC: dict[np.ufunc, str] = {np.add: "sum", np.multiply: "prod", np.minimum: "min",
                     np.maximum: "max", np.logical_or: "any", np.logical_and: "all"}
 _ARG = ("argmin", "argmax")
 
@@ -84,7 +84,9 @@ _ARG = ("argmin", "argmax")
 class _Op:
     """A resolved ``op``: its name, ufunc, block-kernel op (or None) and NumPy's rules."""
 
-    def __init__(self, op):
+    kop: str | None  # the block kernel's op; None: folded by the ufunc in NumPy
+
+    def __init__(self, op: object) -> None:
         if isinstance(op, str):
             if op not in _NAMED:
                 raise ValueError(f"op must be one of {', '.join(map(repr, _NAMED))} or a "
@@ -105,22 +107,24 @@ class _Op:
         self.takes_initial = self.name in ("sum", "prod", "min", "max") or isinstance(
             op, np.ufunc)
 
-    def numpy(self, a, axis, dtype=None, keepdims=False, initial=None):
+    def numpy(self, a: np.ndarray, axis: int | tuple[int, ...] | None,
+              dtype: DTypeLike | None = None, keepdims: bool = False,
+              initial: object = None) -> Any:
         """NumPy's own answer for this op (the reference, and the empty-input rules)."""
         if self.is_arg or self.name in ("any", "all"):
             return getattr(np, self.name)(a, axis=axis, keepdims=keepdims)
         if self.name == "mean":
             return np.mean(a, axis=axis, dtype=dtype, keepdims=keepdims)
-        kw = {} if initial is None else {"initial": initial}
+        kw: dict[str, Any] = {} if initial is None else {"initial": initial}
         return self.ufunc.reduce(a, axis=axis, dtype=dtype, keepdims=keepdims, **kw)
 
-    def result_dtype(self, map_dtype, dtype) -> np.dtype:
+    def result_dtype(self, map_dtype: np.dtype, dtype: DTypeLike | None) -> np.dtype:
         """The result dtype NumPy gives (``np.sum``'s promotion: int8 sums in int64, ...)."""
         probe = np.zeros(1, map_dtype)
         with np.errstate(all="ignore"):
             return np.asarray(self.numpy(probe, 0, dtype)).dtype
 
-    def acc_dtype(self, map_dtype, dtype) -> np.dtype:
+    def acc_dtype(self, map_dtype: np.dtype, dtype: DTypeLike | None) -> np.dtype:
         """The dtype partials are accumulated in."""
         if self.is_arg:
             return np.dtype(map_dtype)

@@ -41,8 +41,12 @@ import shutil
 import sys
 import types
 import weakref
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from numba.core.typing.templates import Signature
 
 _KEY_ATTR = "__coremap_cache_key__"
 _SAFE_MODULES = frozenset(("math", "cmath", "numpy", "numba", "operator", "builtins",
@@ -90,7 +94,7 @@ class _Uncachable(Exception):
     """A value the key cannot describe: the function is compiled in memory only."""
 
 
-def key_of_function(func) -> str | None:
+def key_of_function(func: types.FunctionType) -> str | None:
     """The key of ``func`` as compiled by ``_numba`` (see the docstring), or None."""
     h = hashlib.sha256(_base())
     try:
@@ -248,7 +252,7 @@ def _enable(target, py_func, key: str, module: str | None = None) -> bool:
     return True
 
 
-def attach(dispatcher, func) -> None:
+def attach(dispatcher: Any, func: types.FunctionType) -> None:
     """Cache ``dispatcher`` (the rebuilt, jitted copy of ``func``) on disk, if ``func``
     can be keyed; otherwise leave it as it is."""
     if directory() is None:
@@ -258,11 +262,13 @@ def attach(dispatcher, func) -> None:
         _keys[dispatcher] = key
 
 
-def cfunc(sig, kernel, jitted, parts: tuple, **options):
+def cfunc(sig: Signature, kernel: types.FunctionType, jitted: object,
+          parts: tuple[object, ...], **options: Any) -> Any:
     """``numba.cfunc(sig, **options)(kernel)``, loaded from or saved to the disk cache
     when the function ``jitted`` compiles has a key, or when there is no user
     function (``jitted=None``); ``parts``: everything else that shapes the kernel
-    (its generated source and dtypes)."""
+    (its generated source and dtypes). Returns the compiled ``CFunc`` (typed Any:
+    Numba infers its ``address`` as possibly None, which it is only before compiling)."""
     from numba import cfunc as numba_cfunc
     from numba.core import sigutils
     from numba.core.ccallback import CFunc

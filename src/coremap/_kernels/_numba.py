@@ -48,6 +48,7 @@ import sys
 import threading
 import types
 import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,17 +123,17 @@ def _numba():
 
 # -- which callables compile -----------------------------------------------------------
 
-def is_numba_ufunc(func) -> bool:
+def is_numba_ufunc(func: object) -> bool:
     """A ``@numba.vectorize`` (DUFunc) or ``@numba.guvectorize`` (GUFunc) object."""
     return type(func).__module__.startswith("numba.np.ufunc") and hasattr(func, "nin")
 
 
-def is_dispatcher(func) -> bool:
+def is_dispatcher(func: object) -> bool:
     """An ``@numba.njit`` function: compiled as the user asked, Numba's semantics."""
     return type(func).__module__.startswith("numba") and hasattr(func, "py_func")
 
 
-def not_compilable_reason(func) -> str | None:
+def not_compilable_reason(func: object) -> str | None:
     """Why ``func`` is no function Numba compiles (None when it may compile)."""
     if is_dispatcher(func) or _rebuild.is_plain_function(func) or _is_builtin(func):
         return None
@@ -214,7 +215,7 @@ class _Compiled:
 _state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled(func, nin: int) -> _Compiled:
+def compiled(func: object, nin: int) -> _Compiled:
     """``func``'s compiled state, rebuilt when a global it read has changed since."""
     target = _target(func, nin)
     st = _state.get(target)
@@ -226,7 +227,7 @@ def compiled(func, nin: int) -> _Compiled:
     return st
 
 
-def watch_of(func, nin: int):
+def watch_of(func: object, nin: int) -> _rebuild.Watch | None:
     """The Watch the fast path checks before each call, or None when there is nothing."""
     w = compiled(func, nin).watch
     return None if w.empty else w
@@ -237,7 +238,7 @@ def compute_dtype(dt: np.dtype) -> np.dtype:
     return _F32 if dt == _F16 else dt
 
 
-def resolve(func, in_dtypes: tuple[np.dtype, ...]):
+def resolve(func: object, in_dtypes: tuple[np.dtype, ...]) -> tuple[Any, np.dtype]:
     """Compile ``func`` for ``in_dtypes``; return ``(jitted, result dtype)``.
 
     The single compile entry point: the function is rebuilt so that it reads its
@@ -303,7 +304,8 @@ def _without_checked_int(func, st: _Compiled, types_):
     return plain.dispatcher
 
 
-def guard(func, in_dtypes, out_dtype, inputs, shape) -> str | None:
+def guard(func: object, in_dtypes: tuple[np.dtype, ...], out_dtype: np.dtype,
+          inputs: Sequence[object], shape: tuple[int, ...]) -> str | None:
     """The semantic guard's verdict for (func, dtypes): None, or the mismatch (cached)."""
     st = compiled(func, len(in_dtypes))
     if not st.own:
@@ -321,7 +323,7 @@ def guard(func, in_dtypes, out_dtype, inputs, shape) -> str | None:
     return verdict
 
 
-def notes(func, in_dtypes) -> list[str]:
+def notes(func: object, in_dtypes: tuple[np.dtype, ...]) -> list[str]:
     """What ``explain`` says about how ``func`` was compiled."""
     st = compiled(func, len(in_dtypes))
     if not st.own:
@@ -389,7 +391,8 @@ def _source(nin: int, classes: str, halves: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def kernel_address(func, in_dtypes, out_dtype, classes: str) -> int:
+def kernel_address(func: object, in_dtypes: tuple[np.dtype, ...], out_dtype: np.dtype,
+                   classes: str) -> int:
     """Address of the cfunc chunk kernel (compiled once per signature and classes)."""
     key = (in_dtypes, out_dtype, classes)
     st = compiled(func, len(in_dtypes))
@@ -431,7 +434,9 @@ def _build(func, in_dtypes, out_dtype, classes):
         ) from exc
 
 
-def first_failure(func, in_dtypes, getters, lo: int, hi: int):
+def first_failure(func: object, in_dtypes: tuple[np.dtype, ...],
+                  getters: Sequence[Callable[[int], object]], lo: int,
+                  hi: int) -> tuple[int, Exception] | None:
     """Re-run elements ``lo..hi`` one by one: ``(index, exception)`` of the first failure.
 
     ``getters`` are callables of the flat index returning each input's element.

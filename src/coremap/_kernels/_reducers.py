@@ -187,7 +187,8 @@ def source(op: str, nin: int, classes: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def block_kernel(func, op: str, in_dtypes: tuple, acc_dtype: np.dtype, classes: str) -> int:
+def block_kernel(func: object, op: str, in_dtypes: tuple[np.dtype, ...], acc_dtype: np.dtype,
+                 classes: str) -> int:
     """Address of the block kernel of ``op`` over ``func`` (``None``: the inputs themselves).
 
     Compiled once per (function, op, input dtypes, accumulator dtype, stride classes).
