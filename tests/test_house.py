@@ -690,7 +690,8 @@ def test_function_cache_keeps_the_newest_function_however_large():
     from coremap._functions import FunctionCache
 
     small = [cloudpickle.dumps(lambda v, k=k: v + k) for k in range(3)]
-    big = cloudpickle.dumps(lambda v, a=np.zeros(2000): v + a[0])
+    zeros = np.zeros(2000)
+    big = cloudpickle.dumps(lambda v: v + zeros[0])  # the array travels in the closure
     assert max(map(len, small)) * 3 < 4000 < len(big)
     cache = FunctionCache(size=8, max_bytes=4000)
     for blob in small:
