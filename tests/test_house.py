@@ -15,6 +15,7 @@ import pytest
 
 import coremap as cm
 from coremap import _config, _plan
+from coremap.engines import InProcessEngine
 
 # -- the plan that explain returns ------------------------------------------------------
 
@@ -348,11 +349,11 @@ def test_known_bad_import_is_gone(edge, request):
 # -- one registry of engines -------------------------------------------------------------------
 
 
-class _InlineEngine:
+class _InlineEngine(InProcessEngine):
     """A whole engine: it runs the call's task in the calling thread (like serial).
 
-    The planner has prepared the operands, the job (its chunk counter) and the task;
-    an engine only decides where ``task(job, caller)`` runs.
+    ``InProcessEngine.execute`` has prepared the operands, the job (its chunk counter)
+    and the task; an engine only decides where ``task(job, caller)`` runs.
     """
 
     name = "inline-example"
@@ -407,6 +408,72 @@ def test_unknown_engine_names_list_the_registry(inline_engine):
         cm.parallel_map(np.arange(3.0), np.sin, backend="nope")
     with pytest.raises(TypeError, match="'inline-example'"):
         cm.parallel_map(np.arange(3.0), np.sin, backend=object())
+
+
+class _Forwarding(cm.engines.Engine):
+    """An engine that writes ``execute`` itself: it records what it is given and lets
+    the serial engine run it."""
+
+    name = "forward-example"
+
+    def __init__(self) -> None:
+        self.given = []
+
+    def execute(self, call, hooks):
+        self.given.append((call, hooks))
+        return cm.engines.get_engine("serial").execute(call, hooks)
+
+
+def test_a_registered_engine_is_given_the_prepared_call():
+    from coremap import engines
+
+    engines.register("forward-example", _Forwarding)
+    try:
+        x = np.arange(3000.0).reshape(60, 50)
+        out = np.empty_like(x)
+        y = cm.parallel_map(x, _poly, out=out, backend="forward-example", progress=True)
+        assert y is out
+        np.testing.assert_allclose(y, _poly(x))
+        (call, hooks), = engines.get_engine("forward-example").given
+        assert isinstance(call.plan, cm.Plan) and call.plan.engine == "forward-example"
+        assert call.func is _poly and call.out is out and call.inputs[0].array is x
+        assert (call.shape, call.size, call.out_dtype) == ((60, 50), 3000, np.float64)
+        assert isinstance(hooks, engines.Hooks) and hooks.on_progress is not None
+        assert hooks.observe(len, None) is len  # no run insights recorded: the task itself
+        # a call with no elements runs on no engine
+        assert cm.parallel_map(np.empty(0), _poly, backend="forward-example").shape == (0,)
+        assert len(engines.get_engine("forward-example").given) == 1
+    finally:
+        engines.unregister("forward-example")
+
+
+class _OldStyle:
+    def run(self, job, task, workers=1, on_progress=None, timeout=None):
+        task(job, True)
+
+
+def test_an_engine_without_the_one_method_is_refused_by_name():
+    from coremap import engines
+
+    engines.register("old-style", _OldStyle)
+    try:
+        with pytest.raises(TypeError, match="'old-style'.*subclass coremap.engines"):
+            cm.parallel_map(np.arange(10.0), np.sin, backend="old-style")
+    finally:
+        engines.unregister("old-style")
+
+
+def test_every_engine_has_the_one_method():
+    from coremap import engines
+    from coremap.engines import _cluster
+
+    for name in ("serial", "threads", "processes"):
+        assert isinstance(engines.get_engine(name), engines.Engine), name
+    for adapter in (_cluster._IPyParallel, _cluster._Dask):
+        assert issubclass(adapter, engines.Engine)
+        assert adapter.execute is _cluster._Adapter.execute
+    for name in ("serial", "threads"):  # in-process: only run is their own
+        assert type(engines.get_engine(name)).execute is engines.InProcessEngine.execute
 
 
 def test_optional_engines_load_on_first_use():
@@ -724,3 +791,28 @@ def test_a_process_worker_unpickles_each_function_once():
         return cm.parallel_map(x, h, backend="processes", workers=1, dtype=np.float64)[0]
 
     assert [run(f), run(g), run(f), run(g)] == [1.0, 11.0, 2.0, 12.0]
+
+
+def test_one_operand_preparation_for_every_engine():
+    from coremap import _layout
+
+    x = np.arange(24.0).reshape(4, 6)
+    # an out= with no 2-D form: kernels write a temporary, result() copies it into out
+    holder = np.zeros((8, 6, 4))
+    out = holder[::2, :, ::2].transpose(0, 2, 1)[:, :, :6]
+    assert out.shape == (4, 2, 6) and _layout.build_space([out]) is None
+    x3 = np.broadcast_to(x[:, None, :], (4, 2, 6))
+    call = _plan.plan_call(x3, np.sqrt, out=out, backend="serial")
+    ops = _layout.prepare_operands(call)
+    assert ops.target is not out and ops.out is out
+    ops.space.grid(1)[...] = 7.0
+    assert ops.result() is out and (out == 7.0).all()
+    # private: the caller's out= is not a target until the call succeeded
+    simple = np.empty_like(x)
+    call = _plan.plan_call(x, np.sqrt, out=simple, backend="serial")
+    assert _layout.prepare_operands(call).target is simple
+    assert _layout.prepare_operands(call, private=True).target is not simple
+    # the engine's own target (the process engine's segment), and no inputs
+    mine = np.empty_like(x)
+    ops = _layout.prepare_operands(call, target=mine, inputs=False)
+    assert ops.target is mine and len(ops.space.views) == 1 and ops.out is simple

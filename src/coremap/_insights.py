@@ -4,7 +4,7 @@
       ├─ a Recorder is installed for the calling thread; Numba's compile events
       │  (``numba.core.event``, "numba:compile") are recorded while the call runs
       ├─ parallel_map(x, f, **options), unchanged, except for one hook:
-      │    execute():  task = observed(task, job, kernel)
+      │    engine.execute(): task = hooks.observe(task, job, kernel), i.e. observed
       │       every thread that runs the task (the caller, each helper that joins)
       │       records its chunks, elements and busy time
       │    process engine: bytes put into shared memory, copied back, and sent as
@@ -14,8 +14,9 @@
 
 The hook, for engine authors
 ----------------------------
-``observed(task, job, kernel)`` is called by ``_execute.execute`` for the
-thread and serial engines. It returns ``task`` itself unless a recorder is
+``observed(task, job, kernel)`` is handed to every engine by ``_execute.execute``
+(``Hooks.observe``) and called by the in-process ones (``InProcessEngine``:
+serial, threads, a registered engine). It returns ``task`` itself unless a recorder is
 active in the calling thread, so normal calls pay one thread-local lookup. When
 recording, a *native* task (``kernel=(address, ptrs, meta)``) is run as a
 Python claim loop around ``_runner.run_inline``: the same kernel, job and

@@ -11,6 +11,17 @@ An operand that would need a third dimension (a strided view of a strided view,
 a 3-way broadcast) is copied to contiguous memory first, so kernels stay
 simple; so is an input that is unaligned, byte-swapped, or overlaps ``out``
 in a way that an element-wise pass could corrupt.
+
+Every engine prepares a call's operands the same way (``prepare_operands``)::
+
+    call (inputs, out=, shape, order, result dtype)
+      ──> target: where kernels write: out= itself, a new array, or the engine's
+          own (the process engine's shared-memory segment); a private one when
+          the engine asks (stuck Python chunks on threads)
+      ──> iteration views of the inputs (native, cast, overlap with out copied)
+          and of the target ──> Space (inputs needing a third dimension copied)
+      ──> no 2-D form for the target: a temporary target, the space again
+      ──> Operands(space, target, out);  .result(): target copied into out
 """
 from __future__ import annotations
 
@@ -280,3 +291,71 @@ def allocate_output(call) -> tuple[np.ndarray, np.ndarray]:
     if needs_native_copy(out):
         return np.empty(call.shape, out.dtype.newbyteorder("="), order=call.order), out
     return out, out
+
+
+def _operand_space(call, target: np.ndarray, inputs: bool) -> Space | None:
+    """The space of the call's inputs (with ``inputs``) and ``target``; None when the
+    target itself has no 2-D form."""
+    out_view = iteration_view(target, call.shape, call.order)
+    if not inputs:
+        return build_space([out_view])
+    arrays = []
+    for inp in call.inputs:
+        arr = inp.array if inp.is_scalar else native(inp.array)
+        if call.kind == "builtin":
+            arr = arr.astype(call.out_dtype, copy=False)
+        arrays.append(arr)
+    if call.kind == "builtin":  # its parameters, as stride-0 operands after the inputs
+        arrays += call.func.operands(call.out_dtype)
+    views = [iteration_view(a, call.shape, call.order) for a in arrays]
+    # An input that overlaps out, other than as the very same elements, is read
+    # from a copy: NumPy's answer for overlapping ufunc operands.
+    for k, (a, v) in enumerate(zip(arrays, views)):
+        if a.size > 1 and np.may_share_memory(a, target) and not same_elements(v, out_view):
+            views[k] = iteration_view(a.copy(), call.shape, call.order)
+    space, _ = space_copying([*views, out_view])
+    return space
+
+
+@dataclass
+class Operands:
+    """A call's operands, ready for kernels (see ``prepare_operands``)."""
+
+    space: Space  # the inputs' and the target's iteration views, collapsed
+    target: np.ndarray  # where kernels write
+    out: np.ndarray  # what the call returns
+
+    def result(self) -> np.ndarray:
+        """``out``, with the target copied into it when they differ."""
+        if self.target is not self.out:
+            np.copyto(self.out, self.target, casting="same_kind")
+        return self.out
+
+
+def prepare_operands(call, target: np.ndarray | None = None, temporary=None,
+                     private: bool = False, inputs: bool = True) -> Operands:
+    """The operands of ``call`` (a ``_plan.Call``) for every engine: the one place that
+    allocates the output, builds the iteration space and falls back to a temporary.
+
+    ``target`` is where kernels write (default: ``allocate_output``'s). ``temporary()``
+    makes a replacement target when ``target`` has no 2-D form (default: a native
+    array of the call's shape); with ``private`` it also replaces ``out=`` itself,
+    so nothing is written into the caller's array before ``result()``. Without
+    ``inputs`` the space holds only the target (an engine that ships inputs on its
+    own). The call's result dtype must be known.
+    """
+    default, out = allocate_output(call)
+    if target is None:
+        target = default
+    if temporary is None:
+        def temporary():
+            return np.empty(call.shape, out.dtype.newbyteorder("="), order=call.order)
+    if private and target is call.out:
+        target = temporary()
+    space = _operand_space(call, target, inputs)
+    if space is None:  # an out= whose layout has no 2-D form: compute into a temporary
+        target = temporary()
+        space = _operand_space(call, target, inputs)
+        if space is None:  # a new contiguous array always has a 2-D form
+            raise RuntimeError("the temporary output has no 2-D form (internal error)")
+    return Operands(space, target, out)

@@ -10,7 +10,7 @@ How ``backend="auto"`` chooses:
 1. one worker -> serial;
 2. a compiled kernel (built-in or Numba), a ufunc, a vectorized function -> threads.
    The calling thread starts alone and wakes the other workers only once its
-   timed chunks show more than ``ESCALATE_NS`` of work left (``_execute.py``),
+   timed chunks show more than ``ESCALATE_NS`` of work left (``engines/_base.py``),
    so small inputs never leave the calling thread: the crossover is measured
    per call, in time, rather than guessed as an element count;
 3. a scalar function Numba cannot compile (or whose kernel the semantic guard,
@@ -35,7 +35,7 @@ from coremap.kernels import BuiltinKernel
 
 # Chunking. Guided chunks shrink from remaining/(2*workers) to MIN_CHUNK, and
 # never exceed MAX_CHUNK elements (nor, once timed, TARGET_CHUNK_NS of work:
-# see _execute.py). Measured with coremap bench on W1 into out= at 10^7: chunks
+# see engines/_base.py). Measured with coremap bench on W1 into out= at 10^7: chunks
 # of 2^16 and 2^18 elements ran alike (5.1 and 5.4 ms), and W3 sorted balances
 # on the small guided tail; the ufunc/vectorized values pay a Python call per chunk.
 MIN_CHUNK_NATIVE = 1_024

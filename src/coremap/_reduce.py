@@ -58,7 +58,7 @@ BLOCK = 4_096
 # float64), enough to amortise a process round trip (~1 ms, _plan.PROCESS_MIN_SIZE).
 SLAB_BLOCKS = 64
 
-# Chunk timing of the compiled path, as for parallel_map (_execute.py names the
+# Chunk timing of the compiled path, as for parallel_map (engines/_base.py names the
 # measurements): a claim lasts at most ~TARGET_CHUNK_NS; helpers are woken once
 # more than ESCALATE_NS of work remains; the guided tail keeps FLOOR_CHUNK_NS.
 TARGET_CHUNK_NS = 20_000_000

@@ -6,6 +6,15 @@ left. ``native_task`` runs a compiled kernel inside the Cython runner (no GIL);
 and times each chunk, which sizes the next ones. Both are used by the thread
 engine in this process and by the process engine's workers, so every engine
 schedules, times and reports failures the same way.
+
+A Python function whose result dtype only its results tell is *probed* first
+(``probe_call``, or in a worker for the process engine) on the first ``PROBE``
+elements; ``call_task`` keeps those results, so each element runs exactly once::
+
+    probe_call(call) ──> (values, ns), call.out_dtype learnt
+    call_task(call, space, errors, probed) ──> task: the kept values are copied
+        (store_kept) into the first chunks, the rest computed by chunk_function
+    raise_errors(call, errors, job, space, native): the first failure, or nothing
 """
 from __future__ import annotations
 
@@ -202,3 +211,112 @@ def probe(func, kind: str, func_name: str, scalars: list[bool], args: list) -> n
 def probe_dtype(func, kind: str, func_name: str, scalars: list[bool], args: list) -> np.dtype:
     """Run ``func`` on the first few elements (``args``) to learn its result dtype."""
     return probe(func, kind, func_name, scalars, args).dtype
+
+
+# -- a call's Python task, with the probe's results kept ------------------------------------
+
+# Elements run once to learn the result dtype of a function whose dtype can
+# only be learnt by running it (vectorized and plain Python functions).
+PROBE = 256
+
+
+def probe_args(call) -> list:
+    """The first ``PROBE`` elements of each input in iteration order (scalars as given)."""
+    k = min(call.size, PROBE)
+    idx = np.unravel_index(np.arange(k), call.shape, order=call.order) if call.shape else ()
+    return [inp.value if inp.is_scalar else np.broadcast_to(inp.array, call.shape)[idx]
+            for inp in call.inputs]
+
+
+def probe_call(call):
+    """Run the function here on the first elements to learn the result dtype (vectorized
+    and python kinds), before any allocation; sets ``call.out_dtype``. Returns
+    ``(results, ns)`` to keep, or None."""
+    t0 = perf_counter_ns()
+    values = probe(call.func, call.kind, call.func_name, [i.is_scalar for i in call.inputs],
+                   probe_args(call))
+    ns = perf_counter_ns() - t0
+    call.out_dtype = values.dtype
+    k = min(call.size, PROBE)
+    if k == 0 or values.shape != (k,):
+        return None  # (a vectorized function of the wrong length fails in its chunk)
+    return values, ns
+
+
+def call_task(call, space, errors, probed):
+    """The task for a Python chunk function; with ``probed``, the probe's results are
+    kept for the first elements, so each element runs exactly once."""
+    chunk = chunk_function(call, space, errors)
+    if probed is None:
+        return python_task(chunk, errors)
+    values, ns = probed
+    k = len(values)
+    out_grid = space.grid(len(call.inputs))
+
+    def reuse(lo, hi):
+        if lo < k:
+            store_kept(space, out_grid, values, lo, min(hi, k))
+            lo = min(hi, k)
+        if lo < hi:
+            chunk(lo, hi)
+
+    task = python_task(reuse, errors)
+    if call.schedule == "static":
+        return task  # untimed: whoever claims the first block copies the kept results
+
+    def probed_first(job, caller):
+        # Timed schedules: the caller claims the chunks the probe computed and completes
+        # them with the probe's own time, so the chunk sizes learnt next are right.
+        if caller and job.enter():
+            try:
+                _complete_probed(job, reuse, k, ns, errors)
+            finally:
+                job.leave()
+        task(job, caller)
+
+    return probed_first
+
+
+def _complete_probed(job, reuse, k: int, ns: int, errors) -> None:
+    while (claim := job.claim()) is not None:
+        lo, hi = claim
+        t0 = perf_counter_ns()
+        try:
+            reuse(lo, hi)  # copies [lo, k); computes any part beyond k
+        except BaseException as exc:
+            errors.record(exc, lo, hi)
+            job.fail(lo, hi)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return
+        job.complete(lo, hi, perf_counter_ns() - t0 + ns * (min(hi, k) - lo) // k)
+        if hi >= k:
+            return
+
+
+def store_kept(space, out_grid, values: np.ndarray, lo: int, hi: int) -> None:
+    """Write the kept probe results ``values[lo:hi]`` into elements ``[lo, hi)`` of the
+    output (``out_grid``, the output's grid in ``space``), in iteration order."""
+    pos = lo
+    for r0, r1, c0, c1 in space.segments(lo, hi):
+        block = out_grid[r0:r1, c0:c1]
+        np.copyto(block, values[pos:pos + block.size].reshape(block.shape), casting="same_kind")
+        pos += block.size
+
+
+def raise_errors(call, errors, job, space, native: bool) -> None:
+    """Raise the call's first failure (with the chunk or element it came from), if any."""
+    if errors.first is not None:
+        exc, lo, hi = errors.first
+        if call.kind != "python":
+            note_raised_by(exc, call.func_name, "on the chunk of elements "
+                           f"{index(call, lo)} to {index(call, hi - 1)}")
+        raise exc
+    failed = job.failed_chunk
+    if failed is not None:
+        if native:
+            raise_native_failure(call, space, *failed)
+        raise RuntimeError("a chunk failed without an error being recorded (internal error)")
+    if job.done != call.size:
+        raise RuntimeError(
+            f"only {job.done} of {call.size} elements were computed (internal error)")

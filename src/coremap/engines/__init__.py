@@ -1,30 +1,38 @@
 """Engines: where the chunks of a call run, found through one registry.
 
-An in-process engine takes a :class:`~coremap._kernels._runner.Job` and a
-*task*, a callable ``task(job, caller)`` that claims and runs chunks until none
-are left, and runs the task on its workers::
+Every engine has one method, given the same prepared call (``_base.py``)::
 
-    engine.run(job, task, workers, on_progress=None, timeout=None)
+    out = engine.execute(call, hooks)
 
-The job's atomic counter hands out the work, so every engine shares the same
-scheduling, timing, cancelling and error reporting; the planner prepares the
-operands, the job and the task (``_execute.py``) and the engine only decides
-where the task runs.
+``call`` is a ``_plan.Call``: the frozen ``Plan``'s fields plus the function,
+its inputs, ``out=``, ``timeout`` and ``retries``; ``hooks`` carries the
+planner's callbacks (progress, run insights, a cluster's chunk function). The
+engine returns the output array, or raises the call's first error.
 
 * ``serial``: the calling thread alone;
 * ``threads``: a persistent pool of threads, joined by the calling thread;
 * ``processes``: a persistent pool of worker processes over shared memory
-  (``_processes.py``; its operands are staged into shared memory first);
+  (``_processes.py``: it stages the operands into shared memory and sends each
+  worker one small message);
 * cluster clients (ipyparallel, dask.distributed): adapters in ``_cluster.py``,
   chosen by the client's module.
 
-Every engine is registered below by the module and attribute that build it, and
-imported on first use, as Numba registers its targets (``DelayedRegistry``) and
-joblib its external backends: ``import coremap`` loads none of the optional ones.
-Adding an engine is one module and one line in ``ENGINES`` (the table is in
+How to add an engine. An engine that runs chunks in this process subclasses
+:class:`InProcessEngine` and writes only ``run(job, task, workers,
+on_progress, timeout)``: ``execute`` has already prepared the operands
+(``_layout.prepare_operands``), the job (its atomic chunk counter hands out the
+work, so scheduling, timing, cancelling and error reports are shared) and the
+task, and ``run`` decides where ``task(job, caller)`` runs. Any other engine
+subclasses :class:`Engine` and writes ``execute`` itself, as the process
+engine does. Then register it: one line in ``ENGINES`` (the table is in
 ``_config.py``, at the bottom of the import graph, so that the configuration
 checks can list the names) or one call to :func:`register`; the planner,
-``backend=`` checks, error messages and ``coremap info`` read the names from it.
+``backend=`` checks, error messages and ``coremap info`` read the names from
+it. Engines are imported on first use, as Numba registers its targets
+(``DelayedRegistry``) and joblib its external backends: ``import coremap``
+loads none of the optional ones. An engine module imports only the engines
+layer and below (``_layout``, ``_tasks``, ``_shm``, kernels), never the planner
+or the front end; tests/test_house.py checks it.
 """
 from __future__ import annotations
 
@@ -32,11 +40,13 @@ import importlib
 import threading
 
 from coremap._config import ENGINES
+from coremap.engines._base import Engine, Hooks, InProcessEngine
 from coremap.engines._serial import SerialEngine
 from coremap.engines._threads import ThreadEngine, thread_engine
 
 __all__ = ["ENGINES", "CLUSTER_ADAPTERS", "register", "unregister", "names", "get_engine",
-           "adapter_for", "SerialEngine", "ThreadEngine", "thread_engine"]
+           "adapter_for", "Engine", "InProcessEngine", "Hooks", "SerialEngine",
+           "ThreadEngine", "thread_engine"]
 
 # a cluster client's top-level module -> "module:attribute" of its adapter class.
 CLUSTER_ADAPTERS: dict[str, str] = {
@@ -57,10 +67,11 @@ def _load(target):
 
 
 def register(name: str, factory) -> None:
-    """Register an engine: ``factory`` (or ``"module:attribute"``) returns the instance.
+    """Register an engine: ``factory`` (or ``"module:attribute"``) returns the instance,
+    an :class:`Engine` (usually an :class:`InProcessEngine` subclass).
 
     The factory runs on the first call that uses the engine; ``backend=name``
-    then runs chunks on it.
+    then runs calls on it.
     """
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"an engine needs a name other than 'auto', got {name!r}")
@@ -91,6 +102,11 @@ def get_engine(name: str):
             raise KeyError(f"no engine named {name!r}; registered: "
                            f"{', '.join(map(repr, names()))}") from None
         engine = _load(target)()
+        if not callable(getattr(engine, "execute", None)):
+            raise TypeError(
+                f"engine {name!r} ({type(engine).__qualname__}) has no execute(call, hooks) "
+                "method: subclass coremap.engines.InProcessEngine (which needs only run) "
+                "or coremap.engines.Engine")
         with _lock:
             engine = _instances.setdefault(name, engine)
     return engine

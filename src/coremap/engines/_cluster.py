@@ -1,7 +1,16 @@
 """Cluster engines: ``parallel_map`` on an existing ipyparallel or dask.distributed cluster.
 
 The adapters are registered in ``engines/__init__.py`` (``CLUSTER_ADAPTERS``), by
-the client's module.
+the client's module. Every adapter is an engine with the one method
+(``_base.py``) and shares it::
+
+    _Adapter.execute(call, hooks) ──> run_call
+      ├─ the function cloudpickled once; the flat range cut into chunks
+      ├─ each chunk's inputs sliced out in iteration order (_input_slicer)
+      ├─ adapter.submit(hooks.run_chunk, chunk) on the cluster's scheduler
+      │    (the first chunk alone first when its result tells the dtype)
+      └─ results written into the output in order (_layout.prepare_operands),
+         hooks.on_progress after each; out returned
 
 coremap builds no cluster of its own. The flat index range is cut into chunks;
 each chunk's inputs travel as contiguous NumPy buffers (both engines serialize
@@ -32,6 +41,7 @@ import numpy as np
 
 from coremap._errors import CoremapWarning, WorkerCrashedError
 from coremap._functions import digest
+from coremap.engines._base import NO_HOOKS, Engine, Hooks, no_elements
 
 INSTALL = 'pip install "coremap[cluster]"'
 CHUNKS_PER_ENGINE = 4
@@ -72,8 +82,18 @@ def pickle_function(func) -> bytes:
 
 # -- adapters --------------------------------------------------------------------------
 
-class _Adapter:
+class _Adapter(Engine):
+    """A cluster client as an engine: ``execute`` is the same for every cluster
+    (``run_call``); an adapter says how many engine slots there are, how to submit a
+    chunk and how to wait for its result."""
+
     name = "cluster"
+
+    def execute(self, call, hooks: Hooks = NO_HOOKS) -> np.ndarray:
+        """Run ``call`` on the cluster (see ``run_call``)."""
+        if not call.size:
+            return no_elements(call)
+        return run_call(self, call, hooks)
 
     def engines(self) -> int:
         raise NotImplementedError
@@ -199,34 +219,30 @@ def _check_dask_security(client) -> None:
         )
 
 
-# -- running a plan ------------------------------------------------------------------------
+# -- running a call ------------------------------------------------------------------------
 
-def execute(plan, adapter: _Adapter, retries: int, run_chunk) -> np.ndarray:
-    """Run ``plan`` on a cluster: chunks out, results into ``out`` in order.
-
-    ``run_chunk(func_bytes, key, kind, args, out_dtype)`` is what each engine runs
-    on a chunk (the planner passes its own: an engine never imports the front end).
-    """
-    from coremap import _layout
-
-    func_bytes = pickle_function(plan.func)
-    key = digest(func_bytes)  # engines unpickle each function once per key
-    n = plan.size
-    count = max(1, min(n, adapter.engines() * CHUNKS_PER_ENGINE))
+def _chunks(n: int, engines: int) -> list:
+    count = max(1, min(n, engines * CHUNKS_PER_ENGINE))
     bounds = np.linspace(0, n, count + 1).astype(np.int64)
-    chunks = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def _input_slicer(call):
+    """``chunk_args(lo, hi)``: each input's elements ``[lo, hi)`` in iteration order, as
+    contiguous buffers (scalars as given)."""
+    from coremap import _layout
 
     # inputs as (R x C) grids: a chunk's elements are a few row blocks
     def it(a):
-        return _layout.iteration_view(a, plan.shape, plan.order)
+        return _layout.iteration_view(a, call.shape, call.order)
 
-    views = [it(_layout.native(i.array)) for i in plan.inputs]
-    dummy = it(np.empty(plan.shape, np.int8, order=plan.order))
+    views = [it(_layout.native(i.array)) for i in call.inputs]
+    dummy = it(np.empty(call.shape, np.int8, order=call.order))
     space, _ = _layout.space_copying([*views, dummy])
 
     def chunk_args(lo, hi):
         args = []
-        for k, inp in enumerate(plan.inputs):
+        for k, inp in enumerate(call.inputs):
             if inp.is_scalar:
                 args.append(inp.value)
                 continue
@@ -236,34 +252,51 @@ def execute(plan, adapter: _Adapter, retries: int, run_chunk) -> np.ndarray:
                                              else np.concatenate(parts)))
         return args
 
+    return chunk_args
+
+
+def run_call(adapter: _Adapter, call, hooks) -> np.ndarray:
+    """Run ``call`` on a cluster: chunks out, results into ``out`` in order.
+
+    ``hooks.run_chunk(func_bytes, key, kind, args, out_dtype)`` is what each engine runs
+    on a chunk (the planner passes its own: an engine never imports the front end).
+    """
+    from coremap import _layout
+
+    if hooks.run_chunk is None:
+        raise TypeError("a cluster engine needs hooks.run_chunk, the function its chunks run")
+    func_bytes = pickle_function(call.func)
+    key = digest(func_bytes)  # engines unpickle each function once per key
+    chunks = _chunks(call.size, adapter.engines())
+    chunk_args = _input_slicer(call)
+
     def submit(lo, hi, dtype):
-        return adapter.submit(run_chunk, (func_bytes, key, plan.kind, chunk_args(lo, hi),
-                                          dtype), retries)
+        return adapter.submit(hooks.run_chunk, (func_bytes, key, call.kind,
+                                                chunk_args(lo, hi), dtype), call.retries)
 
     first = None
-    dtype = plan.out_dtype
-    if dtype is None:  # learn the dtype from the first chunk's result
-        first = np.asarray(adapter.result(submit(*chunks[0], None), plan.timeout))
-        dtype = first.dtype
-    futures = [submit(lo, hi, dtype) for lo, hi in (chunks[1:] if first is not None else chunks)]
-    plan.out_dtype = dtype
-    target, out = _layout.allocate_output(plan)
-    out_grid = _layout.build_space([it(target)])
-    if out_grid is None:  # an out= with no 2-D form: fill a temporary, copy at the end
-        target = np.empty(plan.shape, dtype, order=plan.order)
-        out_grid = _layout.build_space([it(target)])
-    grid = out_grid.grid(0)
+    if call.out_dtype is None:  # learn the dtype from the first chunk's result
+        first = np.asarray(adapter.result(submit(*chunks[0], None), call.timeout))
+        call.out_dtype = first.dtype
+    futures = [submit(lo, hi, call.out_dtype)
+               for lo, hi in (chunks[1:] if first is not None else chunks)]
+    ops = _layout.prepare_operands(call, inputs=False)
+    grid = ops.space.grid(0)
     results = ([first] if first is not None else []) + futures
+    done = 0
     try:
         for (lo, hi), item in zip(chunks, results):
-            res = item if isinstance(item, np.ndarray) else adapter.result(item, plan.timeout)
+            res = item if isinstance(item, np.ndarray) else adapter.result(item, call.timeout)
             res = np.asarray(res).reshape(-1)
             pos = 0
-            for r0, r1, c0, c1 in out_grid.segments(lo, hi):
+            for r0, r1, c0, c1 in ops.space.segments(lo, hi):
                 block = grid[r0:r1, c0:c1]
                 np.copyto(block, res[pos:pos + block.size].reshape(block.shape),
                           casting="same_kind")
                 pos += block.size
+            done += hi - lo
+            if hooks.on_progress is not None:
+                hooks.on_progress(done)
     except BaseException:
         for item in results:
             cancel = getattr(item, "cancel", None)
@@ -273,6 +306,4 @@ def execute(plan, adapter: _Adapter, retries: int, run_chunk) -> np.ndarray:
                 except Exception:
                     pass
         raise
-    if target is not out:
-        np.copyto(out, target, casting="same_kind")
-    return out
+    return ops.result()

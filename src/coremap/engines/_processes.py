@@ -1,8 +1,12 @@
 """The process engine: a persistent pool of worker processes over shared memory.
 
-    parallel_map(backend="processes")
-      │ inputs: SharedArray views are used in place; others are copied once into
-      │         pooled segments; the output is a pooled segment (or a SharedArray out)
+    ProcessEngine.execute(call, hooks)                    (the one interface, _base.py)
+      │ a built-in kernel becomes its scalar form; the function is cloudpickled
+      │ dtype: known, learnt by an earlier call, or probed in a worker (its results kept)
+      │ operands (_layout.prepare_operands, _stage): arrays already in a segment
+      │         (a SharedArray, found with _shm.segment_of) are used in place; others
+      │         are copied once into pooled segments; the output is a pooled segment
+      │         (or a SharedArray out=, written in place)
       │ control block (a segment): the job state (atomic chunk counter, cancel,
       │         progress) and one [lo, hi) slot per worker
       │ send each worker one small CallSpec (_messages.py): the function (cloudpickle,
@@ -11,6 +15,7 @@
       │ wait on replies (each checked: its kind and task id) and on the workers'
       │         sentinels (a dead worker is seen at once)
       └── unlink the call's segment names; copy the output to the caller's array
+          (Operands.result)
 
 Workers are fresh interpreters (``subprocess``, see ``_Process``), never
 forked: the parent may already run threads, Numba or OpenMP. They live
@@ -38,17 +43,31 @@ segment names on the way out (``_worker._orphaned``).
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import os
 import pickle
 import threading
 import time
+import weakref
 from multiprocessing.connection import wait
 from typing import NamedTuple
 
-from coremap import _shm
+import numpy as np
+
+from coremap import _layout, _shm
 from coremap._errors import RemoteError, WorkerCrashedError, exit_text, note_raised_by
 from coremap._functions import digest
+from coremap._tasks import PROBE, probe_args, store_kept
+from coremap.engines._base import (
+    FLOOR_CHUNK_NS,
+    NO_HOOKS,
+    TARGET_CHUNK_NS,
+    Engine,
+    Hooks,
+    first_chunk,
+    no_elements,
+)
 from coremap.engines._messages import (
     DONE,
     ERROR,
@@ -57,10 +76,12 @@ from coremap.engines._messages import (
     CallSpec,
     CtrlDesc,
     ErrorInfo,
+    JobParams,
     ProbeSpec,
     ProtocolError,
     Reply,
     Setup,
+    ViewDesc,
     check_reply,
 )
 
@@ -310,7 +331,7 @@ class _SegmentPool:
         return [s.name for s in self.free + self.busy]
 
 
-class ProcessEngine:
+class ProcessEngine(Engine):
     """The pool of worker processes (see the module docstring)."""
 
     name = "processes"
@@ -360,8 +381,6 @@ class ProcessEngine:
         """An array in a pooled segment (``_shm.SegmentArray``), for one call's operand."""
         import math
 
-        import numpy as np
-
         dtype = np.dtype(dtype)
         seg = self.pool.take(math.prod(shape) * dtype.itemsize)
         return _shm.array_in(seg, shape, dtype, order), seg
@@ -371,14 +390,90 @@ class ProcessEngine:
         with self._lock:
             return self._ensure(workers)
 
+    def execute(self, call, hooks: Hooks = NO_HOOKS):
+        """Run ``call`` on the workers: operands in shared memory, nothing pickled but
+        names, offsets, shapes and strides (and the function, once per worker)."""
+        if not call.size:
+            return no_elements(call)
+        call, func_bytes = _shippable(call)
+        with self._lock:
+            call, probed = self._learn_dtype(call, func_bytes)
+            procs = self.prepare(call.workers)
+            ops = self._operands(call)
+            skip = 0
+            if probed is not None:  # the probe's results, kept: those elements run once
+                store_kept(ops.space, ops.space.grid(len(call.inputs)), probed, 0,
+                           len(probed))
+                skip = len(probed)
+            spec = _call_spec(call, func_bytes, *self._stage(call, ops.space), skip)
+            self.run(spec, procs, timeout=call.timeout, on_progress=hooks.on_progress)
+            return ops.result()
+
+    def _learn_dtype(self, call, func_bytes: bytes):
+        """``(call, probed)``: the result dtype, probed in a worker if no earlier call of
+        this signature did (the parent never runs user code); its results, or None."""
+        if call.out_dtype is None:
+            call.out_dtype = _probed_dtype(call)
+        if call.out_dtype is not None:
+            return call, None
+        t0 = time.monotonic()
+        probed = self.probe(ProbeSpec(
+            task_id=-1, func=func_bytes, kind=call.kind, func_name=call.func_name,
+            scalars=[i.is_scalar for i in call.inputs], args=probe_args(call),
+        ), call.shape, call.order, call.timeout)
+        call.out_dtype = probed.dtype
+        if probed.shape != (min(call.size, PROBE),):
+            probed = None  # (a vectorized function of the wrong length fails in its chunk)
+        if call.timeout is not None:
+            call = dataclasses.replace(
+                call, timeout=max(1e-3, call.timeout - (time.monotonic() - t0)))
+        try:
+            _probed.setdefault(call.func, {})[(call.kind, call.in_dtypes)] = call.out_dtype
+        except TypeError:  # not weak-referenceable or unhashable: probe every call
+            pass
+        return call, probed
+
+    def _operands(self, call) -> _layout.Operands:
+        """The call's operands with a pooled segment as the target (or a SharedArray
+        ``out=`` itself, written in place)."""
+        def segment():
+            return self.segment_array(call.shape, call.out_dtype, order=call.order)[0]
+
+        direct = call.out is not None and _shm.segment_of(call.out) is not None \
+            and not _layout.needs_native_copy(call.out)
+        return _layout.prepare_operands(call, target=call.out if direct else segment(),
+                                        temporary=segment)
+
+    def _stage(self, call, space):
+        """``(views, segments)``: every operand in a segment (arrays in one already used
+        in place, others copied once into a pooled segment); scalars have None."""
+        views = list(space.views)
+        segs = []
+        for k, v in enumerate(views):
+            origin = call.inputs[k].value if k < len(call.inputs) else None
+            seg = _shm.segment_of(v, origin)
+            if seg is None and k < len(call.inputs) and call.inputs[k].is_scalar:
+                segs.append(None)
+                continue
+            if seg is None:  # copied once into a pooled segment, in iteration order
+                arr, seg = self.segment_array(v.shape, v.dtype)
+                np.copyto(arr, v)
+                views[k] = arr
+            segs.append(seg)
+        if _layout.build_space(views) is None:
+            for k in _layout.bad_operands(views):
+                if segs[k] is not None:
+                    arr, segs[k] = self.segment_array(views[k].shape, views[k].dtype)
+                    np.copyto(arr, views[k])
+                    views[k] = arr
+        return views, segs
+
     def run(self, spec: CallSpec, procs, timeout=None, on_progress=None) -> None:
-        """Run one call on the workers from ``prepare``; raise the first failure.
+        """Send one prepared call to the workers from ``prepare``; raise the first failure.
 
         ``spec`` is the call's CallSpec; its ``task_id``, ``ctrl``, ``keep`` and
         ``func_key`` are filled in here.
         """
-        import numpy as np
-
         with self._lock:
             ctrl = self.pool.take(CTRL_SLOTS + 16 * len(procs))
             job = spec.job.job(state=ctrl.address + CTRL_STATE, init=True, state_owner=ctrl)
@@ -612,3 +707,56 @@ class ProcessEngine:
                 w.kill()
             self._workers = []
             self.pool.flush()
+
+
+# -- preparing a call for the workers --------------------------------------------------
+
+# (function, input dtypes) -> result dtype probed in a worker. A process round
+# trip costs about as much as a small call, so the probe runs once per signature;
+# later results are cast to it with the "same_kind" rule (or fail loudly).
+_probed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probed_dtype(call):
+    try:
+        return _probed.get(call.func, {}).get((call.kind, call.in_dtypes))
+    except TypeError:
+        return None
+
+
+def _shippable(call):
+    """``(call, func_bytes)``: the call as workers run it (a built-in kernel becomes its
+    scalar form, which they compile with Numba) and its function pickled."""
+    import cloudpickle
+
+    if call.kind == "builtin":
+        call = dataclasses.replace(call, kind="numba", func=call.func.scalar(call.out_dtype))
+    try:
+        func_bytes = cloudpickle.dumps(call.func)
+    except Exception as exc:
+        raise TypeError(f"cannot send {call.func_name} to worker processes: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    return call, func_bytes
+
+
+def _describe(view, seg) -> ViewDesc:
+    offset = view.__array_interface__["data"][0] - seg.address
+    return ViewDesc(seg.name, offset, view.shape, view.strides, view.dtype)
+
+
+def _call_spec(call, func_bytes: bytes, views, segs, skip: int) -> CallSpec:
+    """The message each worker gets; its task_id, func_key, ctrl and keep are filled in
+    by ``ProcessEngine.run``."""
+    light = [inp if inp.is_scalar else _layout.Input(None, np.empty((), inp.dtype), False)
+             for inp in call.inputs]
+    timed = call.schedule != "static"
+    job = JobParams(call.size, call.workers, call.schedule, call.chunk, call.max_chunk,
+                    TARGET_CHUNK_NS if timed else 0, first_chunk(call) if timed else 0,
+                    FLOOR_CHUNK_NS if timed else 0)
+    return CallSpec(
+        task_id=-1, kind=call.kind, func=func_bytes, func_key="", func_name=call.func_name,
+        shape=call.shape, order=call.order, inputs=light, in_dtypes=call.in_dtypes,
+        out_dtype=call.out_dtype,
+        views=[None if s is None else _describe(v, s) for v, s in zip(views, segs)],
+        job=job, ctrl=None, keep=frozenset(), skip=skip,
+    )

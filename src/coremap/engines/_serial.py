@@ -1,5 +1,8 @@
 """The serial engine: every chunk in the calling thread.
 
+    engine.execute(call) (_base.py: operands, job, task) ──> SerialEngine.run
+      └─ task(job, caller=True) until no chunk is left
+
 Progress is reported by the task between chunks (``job.monitor``), as on threads.
 """
 from __future__ import annotations
@@ -7,8 +10,10 @@ from __future__ import annotations
 import threading
 import time
 
+from coremap.engines._base import InProcessEngine
 
-class SerialEngine:
+
+class SerialEngine(InProcessEngine):
     name = "serial"
 
     def run(self, job, task, workers: int = 1, on_progress=None, timeout=None,

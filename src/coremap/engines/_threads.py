@@ -1,6 +1,6 @@
 """The thread engine: native kernels on the native pool, Python chunks on Python threads.
 
-    parallel_map ──> ThreadEngine.run(job, task, workers=k)
+    engine.execute(call) (_base.py) ──> ThreadEngine.run(job, task, workers=k)
       native task:  job.run_native(helpers=k-1)            (_runner.pyx, _pool.h)
                       caller computes; posts the job to k-1 native pool workers
                       once the work left is worth waking them; no GIL on any worker
@@ -34,7 +34,8 @@ waits until every thread inside has left (each stops within one piece of a
 chunk, see ``_runner.pyx``). A Python function stuck inside a chunk cannot be
 stopped; for Python tasks with ``timeout`` the caller therefore only watches
 the deadline (it computes nothing itself) and the call computes into a private
-buffer that is copied into ``out`` only on success (``_execute.py``).
+buffer that is copied into ``out`` only on success (``python_chunks_outlive_timeout``,
+see ``_base.py``).
 
 Python workers are created on first use and live for the process (daemon
 threads); native workers likewise (``_runner.pool_shutdown`` stops them). A
@@ -53,6 +54,7 @@ import time
 import warnings
 
 from coremap._kernels import _runner
+from coremap.engines._base import InProcessEngine
 
 _engine = None
 _engine_lock = threading.Lock()
@@ -117,10 +119,11 @@ def _monitor(job, on_progress, deadline, timeout, poll):
     return monitor
 
 
-class ThreadEngine:
+class ThreadEngine(InProcessEngine):
     """Native and Python worker threads that run chunk tasks; see the module docstring."""
 
     name = "threads"
+    python_chunks_outlive_timeout = True  # a stuck Python chunk cannot be stopped
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
