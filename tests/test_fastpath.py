@@ -103,3 +103,29 @@ def test_an_out_of_the_wrong_shape_is_refused_after_a_cached_call():
     cm.parallel_map(x, w2, out=np.empty(3000))
     with pytest.raises(ValueError):
         cm.parallel_map(x, w2, out=np.empty(2999))
+
+
+def test_a_short_call_on_one_worker_runs_inline_without_a_job(monkeypatch):
+    from coremap import _fastpath
+
+    x = np.random.default_rng(4).random(20_000)
+    for _ in range(2):  # planned, then timed once through a job
+        cm.parallel_map(x, w2, workers=1)
+
+    def no_job(*args, **kwargs):
+        raise AssertionError("a job was made for a call known to be short")
+
+    monkeypatch.setattr(_fastpath, "new_job", no_job)
+    np.testing.assert_array_equal(cm.parallel_map(x, w2, workers=1), _reference(x))
+
+
+def test_an_error_in_an_inline_call_names_its_element():
+    x = np.arange(1.0, 20_001.0)
+    f = lambda v: 1.0 / (v - 12_345.0)  # noqa: E731
+    good = np.arange(1.0, 20_001.0)
+    good[12_344] = 0.5
+    for _ in range(3):  # cached and inline by now
+        cm.parallel_map(good, f, workers=1)
+    with pytest.raises(ZeroDivisionError) as info:
+        cm.parallel_map(x, f, workers=1)
+    assert any("12344" in n for n in getattr(info.value, "__notes__", ["12344"]))
