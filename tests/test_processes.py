@@ -893,3 +893,20 @@ def test_segments_are_found_below_the_front_end(engine):
         engine.pool.release_all(set())
     finally:
         x.unlink()
+
+
+def test_the_process_engine_takes_the_same_prepared_call(engine, monkeypatch):
+    from coremap import _plan
+
+    x = cm.SharedArray.from_array(np.arange(3000.0))
+    try:
+        call = _plan.plan_call(x, dec2, backend="processes", workers=2)
+        assert call.out_dtype is None  # learnt by the engine (a probe in a worker)
+        taken, sent = _watch_calls(engine, monkeypatch)
+        got = engine.execute(call)
+        np.testing.assert_array_equal(got, 2 * np.arange(3000.0))
+        assert call.out_dtype == np.float64
+        assert sent[0][0] == x._segment.name  # the input attached by name, not copied
+        assert taken == [(3000,)]  # only the output is a pooled segment
+    finally:
+        x.unlink()

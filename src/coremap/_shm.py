@@ -25,6 +25,15 @@ then unlinks segments the parent still uses (gh-82300). Here:
 
 A segment starts with a 64-byte header (the lock word of ``SharedArray.lock``);
 the data follows, 64-byte aligned.
+
+Arrays in segments live here too, below every user of them::
+
+    Segment ──array_in()──> SegmentArray (an ndarray; views keep ``_segment``
+                            while they stay inside it)
+              ├─ shared.SharedArray: the public subclass (pickled by name)
+              └─ the process engine's pooled operands
+    segment_of(view, origin) ──> the Segment holding a view's elements, or None:
+              how the process engine attaches a SharedArray by name, not a copy
 """
 from __future__ import annotations
 
