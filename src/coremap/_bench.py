@@ -59,21 +59,25 @@ def median_time(fn: Callable[[], object], repeat: int = 5) -> float:
 # milliseconds after a parallel region and slow whatever runs next on a 2-core
 # machine (measured: W1 into out= 9.6 ms right after prange, 7.0 ms 10 ms later).
 GAP = 0.02
-# After the pause, a call shorter than this is timed as the second of two calls in
-# a row, as in a loop of calls. Timed cold, every short sample measured the machine
-# waking up rather than the contender: on the 2-core VM, after a 20 ms pause a
-# 10-element coremap call took 110-125 us instead of 4 us (a no-op Python call
-# 1.0-1.3 us instead of 0.1 us), and prange on 10^4 elements of W2 5 ms instead of
-# 64 us (a halted virtual CPU is slow to wake). Longer calls are timed as they come.
+# After the pause, a call shorter than this is timed inside a loop of LOOP calls
+# in a row (the sample is the median of all but the first), as users make such
+# calls. Timed cold, every short sample measured the machine waking up rather than
+# the contender: on the 2-core VM, after a 20 ms pause a 10-element coremap call
+# took 110-125 us instead of 4 us (a no-op Python call 1.0-1.3 us instead of
+# 0.1 us), and prange on 10^4 elements of W2 5 ms instead of 64 us (a halted
+# virtual CPU is slow to wake); the second call still ran 20-50 % slow, the third
+# was steady. Longer calls are timed one at a time.
 WARM_BELOW = 0.05
+LOOP = 5
 
 
 def time_interleaved(contenders: Mapping[str, Callable[[], object]],
                      repeat: int) -> dict[str, float]:
-    """Median seconds per contender, in a shuffled order, each call after a pause.
+    """Median seconds per contender, in a shuffled order, each sample after a pause.
 
-    Each contender is warmed once first. A contender whose last call took less than
-    ``WARM_BELOW`` seconds is called once more, untimed, right before each timed call.
+    Each contender is warmed once first. A contender whose last sample took less
+    than ``WARM_BELOW`` seconds is sampled in a loop of ``LOOP`` calls (the median
+    of all but the first).
     """
     import random
 
@@ -90,11 +94,12 @@ def time_interleaved(contenders: Mapping[str, Callable[[], object]],
         rng.shuffle(order)  # nobody always runs right after the same neighbour
         for name in order:
             time.sleep(GAP)
-            if last[name] < WARM_BELOW:
+            loop = []
+            for _ in range(LOOP if last[name] < WARM_BELOW else 1):
+                t = time.perf_counter()
                 contenders[name]()
-            t = time.perf_counter()
-            contenders[name]()
-            last[name] = time.perf_counter() - t
+                loop.append(time.perf_counter() - t)
+            last[name] = statistics.median(loop[1:] or loop)
             samples[name].append(last[name])
     return {n: statistics.median(v) for n, v in samples.items()}
 

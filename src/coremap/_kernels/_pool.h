@@ -10,7 +10,7 @@
  * never hold, wait for or touch the GIL, so a wake-up costs a condition-variable
  * broadcast rather than one GIL hand-off per thread. One generation counter
  * wakes every parked worker at once. A worker that just finished a job spins a
- * little before parking, so back-to-back calls find it awake.
+ * before parking (time-bounded, see cm_spin_ns), so a loop of calls finds it awake.
  *
  * Lifetime: a worker increments job->inside under the pool lock while the job
  * is linked; the caller unlinks it under the same lock and then waits for
@@ -38,10 +38,8 @@
 
 #define CM_POOL_MAX 1024
 
-/* Spins of a worker that found no work, before it parks: each is one pause
- * instruction plus a load, ~10-40 ns, so ~20-80 us in all. Long enough to catch
- * the next call of a loop of medium calls, short enough that idle workers burn
- * nothing measurable (tests/test_native_pool.py checks < 0.05 s over 2 s). */
+/* Spins of a caller waiting for its helpers to leave a job, before it sleeps:
+ * each is one pause instruction plus a load, ~10-40 ns, so ~20-80 us in all. */
 #define CM_SPINS 2000
 
 typedef struct cm_job cm_job;
@@ -69,6 +67,22 @@ typedef struct {
 } cm_pool_t;
 
 static cm_pool_t cm_pool;
+
+/* How long a worker that found no work spins before it parks: up to
+ * CM_SPIN_MAX_NS each, and CM_SPIN_BUDGET_NS for all workers together, so idle
+ * workers burn at most ~20 ms of CPU in all after a call (tests/test_native_pool.py
+ * checks < 0.05 s over 2 s idle). A parked worker is slow to wake on a virtual
+ * machine: W2 in a loop of 10^5-element calls on the 2-core VM ran at 0.46x
+ * prange with a 50 us spin, 0.78-0.92x with 300 us and 0.92-0.93x with 2 ms
+ * (prange's OpenMP workers spin ~7.7 ms after each region there). */
+#define CM_SPIN_MAX_NS 2000000
+#define CM_SPIN_BUDGET_NS 20000000
+
+static inline int64_t cm_spin_ns(void) {
+    int64_t n = cm_pool.nthreads > 0 ? cm_pool.nthreads : 1;
+    int64_t each = CM_SPIN_BUDGET_NS / n;
+    return each < CM_SPIN_MAX_NS ? each : CM_SPIN_MAX_NS;
+}
 static int cm_pool_ready = 0;
 static __thread int cm_pool_thread = 0; /* 1 in a pool worker */
 
@@ -152,8 +166,14 @@ static void *cm_pool_worker(void *arg) {
             cm_fetch_add(&job->inside, -1); /* the last touch: the caller may free it now */
             continue;
         }
-        for (int i = 0; i < CM_SPINS && cm_load(&cm_pool.gen) == seen && !cm_load(&cm_pool.stop); i++)
-            cm_relax();
+        {
+            int64_t spin_until = cm_now_ns() + cm_spin_ns();
+            for (int i = 0; cm_load(&cm_pool.gen) == seen && !cm_load(&cm_pool.stop); i++) {
+                cm_relax();
+                if ((i & 63) == 63 && cm_now_ns() >= spin_until)
+                    break;
+            }
+        }
         if (cm_load(&cm_pool.gen) != seen)
             continue;
         pthread_mutex_lock(&cm_pool.lock);
