@@ -48,6 +48,7 @@ struct cm_job {
     int64_t seats;              /* helpers that may still join (under the pool lock) */
     int64_t inside;             /* helpers inside run() (atomic) */
     int64_t posted_at;          /* monotonic ns of the post, for the wake-up estimate */
+    int64_t posted_cpu;         /* the CPU the poster ran on (-1: unknown) */
     int64_t linked;             /* in the pool's list (under the pool lock) */
     cm_job *next;
 };
@@ -127,6 +128,39 @@ static void cm_pool_init(void) {
 }
 
 /* Under the lock: the first linked job with a free seat, seat taken. */
+static inline int64_t cm_current_cpu(void) {
+#ifdef __linux__
+    return sched_getcpu();
+#else
+    return -1;
+#endif
+}
+
+/* Move the calling worker off `cpu`, where the thread that posted its job runs.
+ *
+ * The poster computes the job too, so a worker woken onto the poster's CPU only
+ * time-shares it: on the 2-core VM a woken worker often landed there (the
+ * guest's wake-up placement), and W2 calls of 3*10^4 elements in a loop ran at
+ * the speed of one thread for whole blocks of calls until the load balancer
+ * moved it. Excluding the CPU from the worker's mask makes the kernel migrate it
+ * at once; the old mask is restored, and the worker stays where it was moved.
+ * Nothing happens when the worker may run only there. */
+static void cm_leave_cpu(int64_t cpu) {
+#ifdef __linux__
+    cpu_set_t mask, without;
+    if (cpu < 0 || pthread_getaffinity_np(pthread_self(), sizeof mask, &mask) != 0)
+        return;
+    if (!CPU_ISSET((int)cpu, &mask) || CPU_COUNT(&mask) < 2)
+        return;
+    without = mask;
+    CPU_CLR((int)cpu, &without);
+    if (pthread_setaffinity_np(pthread_self(), sizeof without, &without) == 0)
+        pthread_setaffinity_np(pthread_self(), sizeof mask, &mask);
+#else
+    (void)cpu;
+#endif
+}
+
 static cm_job *cm_pool_take(void) {
     cm_job *j;
     for (j = cm_pool.head; j != NULL; j = j->next) {
@@ -162,6 +196,8 @@ static void *cm_pool_worker(void *arg) {
         job = cm_pool_take();
         pthread_mutex_unlock(&cm_pool.lock);
         if (job != NULL) {
+            if (job->posted_cpu >= 0 && cm_current_cpu() == job->posted_cpu)
+                cm_leave_cpu(job->posted_cpu);
             job->run(job);
             cm_fetch_add(&job->inside, -1); /* the last touch: the caller may free it now */
             continue;
@@ -233,6 +269,7 @@ static void cm_pool_post(cm_job *job, int64_t seats) {
     if (!job->linked && cm_pool.nthreads > 0) {
         job->seats = seats;
         job->posted_at = cm_now_ns();
+        job->posted_cpu = cm_current_cpu();
         job->next = cm_pool.head;
         cm_pool.head = job;
         job->linked = 1;
