@@ -16,22 +16,29 @@ chunks are cancelled and the first error is raised with its own type.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from coremap._functions import FunctionCache
 from coremap._insights import observed
 from coremap.engines import get_engine
-from coremap.engines._base import ESCALATE_NS, Hooks, new_job, no_elements
+from coremap.engines._base import ESCALATE_NS, Engine, Hooks, new_job, no_elements
+
+if TYPE_CHECKING:
+    from coremap._plan import Call
 
 __all__ = ["execute", "run_cluster_chunk", "new_job", "ESCALATE_NS"]
 
 
-def execute(call, progress: bool = False) -> np.ndarray:
+def execute(call: Call, progress: bool = False) -> np.ndarray:
     """Run a call (a ``_plan.Call``, from ``plan_call``) and return the output array."""
     if not call.size:
         return no_elements(call)
-    engine = call.adapter if call.adapter is not None else get_engine(call.engine)
+    # Call.adapter is a cluster adapter (an Engine) or None; _plan types it loosely
+    engine = get_engine(call.engine) if call.adapter is None else cast(Engine, call.adapter)
     on_progress, bar = _progress_bar(call, progress)
     try:
         return engine.execute(call, Hooks(on_progress, observed, run_cluster_chunk))
@@ -44,7 +51,8 @@ def execute(call, progress: bool = False) -> np.ndarray:
 _CLUSTER_FUNCS = FunctionCache()
 
 
-def run_cluster_chunk(func_bytes: bytes, key: str, kind: str, args: list, out_dtype):
+def run_cluster_chunk(func_bytes: bytes, key: str, kind: str, args: list,
+                      out_dtype: DTypeLike) -> np.ndarray:
     """Runs on a cluster engine: one chunk through the serial engine."""
     from coremap._plan import plan_call
 
@@ -54,7 +62,9 @@ def run_cluster_chunk(func_bytes: bytes, key: str, kind: str, args: list, out_dt
                              backend="serial"))
 
 
-def _progress_bar(call, progress: bool):
+def _progress_bar(
+    call: Call, progress: bool
+) -> tuple[Callable[[int], None] | None, Any]:
     """``(on_progress, bar)``: a tqdm bar fed with ``job.done``, or ``(None, None)``."""
     bar = None
     on_progress = None
@@ -67,7 +77,7 @@ def _progress_bar(call, progress: bool):
         bar = _Bar(total=call.size, unit="el", unit_scale=True, file=sys.stderr,
                    desc=call.func_name)
 
-        def on_progress(done):
+        def on_progress(done: int) -> None:
             bar.update(done - bar.n)
 
     return on_progress, bar

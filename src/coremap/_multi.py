@@ -26,11 +26,12 @@ from coremap import _config, _layout
 from coremap._errors import note_raised_by
 from coremap._kernels import _runner
 from coremap._tasks import Errors, native_task, python_task
+from coremap.engines._base import ESCALATE_NS, FLOOR_CHUNK_NS, TARGET_CHUNK_NS
 
-# Chunking as parallel_map's (_plan.py names the measurements).
+# Chunking as parallel_map's (_plan.py names the measurements; the chunk timing,
+# TARGET_CHUNK_NS, ESCALATE_NS and FLOOR_CHUNK_NS, is engines/_base.py's).
 MIN_CHUNK_NATIVE, MAX_CHUNK_NATIVE = 1_024, 1 << 16
 MIN_CHUNK_NUMPY, MAX_CHUNK_NUMPY = 8_192, 1 << 18
-TARGET_CHUNK_NS, ESCALATE_NS, FLOOR_CHUNK_NS = 20_000_000, 100_000, 50_000
 PROCESS_MIN_SIZE = 1_000
 _BIG = 1 << 62
 

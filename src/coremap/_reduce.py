@@ -40,6 +40,7 @@ import numpy as np
 from coremap import _config, _containers, _layout
 from coremap._errors import note_raised_by
 from coremap._kernels import _runner
+from coremap.engines._base import ESCALATE_NS, FLOOR_CHUNK_NS, TARGET_CHUNK_NS
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, DTypeLike
@@ -58,12 +59,8 @@ BLOCK = 4_096
 # float64), enough to amortise a process round trip (~1 ms, _plan.PROCESS_MIN_SIZE).
 SLAB_BLOCKS = 64
 
-# Chunk timing of the compiled path, as for parallel_map (engines/_base.py names the
-# measurements): a claim lasts at most ~TARGET_CHUNK_NS; helpers are woken once
-# more than ESCALATE_NS of work remains; the guided tail keeps FLOOR_CHUNK_NS.
-TARGET_CHUNK_NS = 20_000_000
-ESCALATE_NS = 100_000
-FLOOR_CHUNK_NS = 50_000
+# Chunk timing of the compiled path is parallel_map's: TARGET_CHUNK_NS, ESCALATE_NS
+# and FLOOR_CHUNK_NS come from engines/_base.py, which names the measurements.
 DYNAMIC_CHUNKS_PER_WORKER = 16
 # Below this many elements a GIL-holding function runs serially, as in _plan.py.
 PROCESS_MIN_SIZE = 1_000

@@ -46,8 +46,11 @@ import mmap
 import os
 import secrets
 import weakref
+from collections.abc import Collection
+from typing import Literal, TypeVar, overload
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 try:
     import _posixshmem
@@ -60,6 +63,8 @@ SHM_DIR = "/dev/shm"
 NAME_MAX = 30  # macOS: "/" + name within PSHMNAMLEN (31); Linux allows 255
 TAG_CHARS = 4  # base32: 20 bits of (boot id, pid namespace)
 RANDOM_CHARS = 9  # base32: 45 bits
+
+Order = Literal["C", "F"]
 
 _attached: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -208,7 +213,9 @@ class Segment:
         mmap object alive but hold no buffer export, so an explicit close would
         unmap memory they still point to.
         """
-        self.mmap = None
+        # Typed as an open mapping for its readers: a closed segment's arrays and
+        # views are never made again (the pool and SharedArray drop it first).
+        self.mmap = None  # type: ignore[assignment]
 
     @property
     def data_bytes(self) -> int:
@@ -304,7 +311,7 @@ def _remove_if_unheld(name: str) -> bool:
         os.close(fd)
 
 
-def clean(creators=None, exiting: bool = False) -> list[str]:
+def clean(creators: Collection[int] | None = None, exiting: bool = False) -> list[str]:
     """Remove the stale segments of this namespace (of ``creators`` only, if given).
 
     ``exiting``: this process is about to exit without running finalizers (a
@@ -356,7 +363,7 @@ def cleanup_stale() -> list[str]:
 # and recognise arrays in segments without importing the front end. SharedArray is
 # a subclass: everything here holds for it too.
 
-def inside(arr, seg: Segment) -> bool:
+def inside(arr: np.ndarray, seg: Segment) -> bool:
     """True if every element of ``arr`` lies within ``seg``'s mapping."""
     start = arr.__array_interface__["data"][0]
     if arr.size == 0:
@@ -376,21 +383,38 @@ class SegmentArray(np.ndarray):
 
     _segment: Segment | None = None
 
-    def __array_finalize__(self, obj) -> None:
+    def __array_finalize__(self, obj: object) -> None:
         seg = getattr(obj, "_segment", None)
         if seg is not None and not inside(self, seg):
             seg = None
         self._segment = seg
 
 
-def array_in(seg: Segment, shape, dtype, order: str = "C", cls=SegmentArray):
+_A = TypeVar("_A", bound=SegmentArray)
+
+
+@overload
+def array_in(
+    seg: Segment, shape: tuple[int, ...], dtype: DTypeLike, order: Order = ...
+) -> SegmentArray: ...
+@overload
+def array_in(
+    seg: Segment, shape: tuple[int, ...], dtype: DTypeLike, order: Order, cls: type[_A]
+) -> _A: ...
+def array_in(
+    seg: Segment,
+    shape: tuple[int, ...],
+    dtype: DTypeLike,
+    order: Order = "C",
+    cls: type[SegmentArray] = SegmentArray,
+) -> SegmentArray:
     """A new ``cls`` array over ``seg``'s data (after the header)."""
     arr = np.ndarray(shape, dtype, buffer=seg.mmap, offset=HEADER, order=order).view(cls)
     arr._segment = seg
     return arr
 
 
-def segment_of(view, origin=None) -> Segment | None:
+def segment_of(view: np.ndarray, origin: object = None) -> Segment | None:
     """The segment holding all of ``view``'s elements, or None.
 
     ``origin`` is the array ``view`` was derived from (an input as given), for views

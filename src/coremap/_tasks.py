@@ -20,12 +20,21 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from time import perf_counter_ns
+from typing import Any
 
 import numpy as np
 
 from coremap._errors import note_raised_by
 from coremap._kernels._numba import kernel_scope
+from coremap._kernels._runner import Job
+from coremap._layout import Space
+
+# ``call`` and ``plan`` below are a ``_plan.Call`` (read by attribute: this layer never
+# imports the planner). A task is ``task(job, caller)``; a chunk function ``chunk(lo, hi)``.
+Task = Callable[..., None]
+Chunk = Callable[[int, int], None]
 
 
 class _NativeTask:
@@ -41,24 +50,25 @@ class _NativeTask:
     def __init__(self) -> None:
         self.main = threading.current_thread() is threading.main_thread()
 
-    def __call__(self, job, caller, helpers: int = 0, poll_ns: int = 100_000_000):
+    def __call__(self, job: Job, caller: bool, helpers: int = 0,
+                 poll_ns: int = 100_000_000) -> None:
         with kernel_scope():  # only the main thread can take Ctrl-C between pieces
             job.run_native(check_signals=caller and self.main, helpers=helpers,
                            poll_ns=poll_ns)
 
 
-def native_task():
+def native_task() -> _NativeTask:
     """The task that runs a native kernel (see ``_NativeTask``)."""
     return _NativeTask()
 
 
-def python_task(chunk, errors):
+def python_task(chunk: Chunk, errors: Errors) -> Task:
     """The task that runs a Python chunk function ``chunk(lo, hi)``, timing each chunk.
 
     In the caller, ``job.monitor`` (progress, deadline) runs after each chunk.
     """
 
-    def task(job, caller):
+    def task(job: Job, caller: bool) -> None:
         if not job.enter():
             return
         monitor = job.monitor if caller else None
@@ -83,7 +93,7 @@ def python_task(chunk, errors):
     return task
 
 
-def index(plan, i: int) -> tuple[int, ...]:
+def index(plan: Any, i: int) -> tuple[int, ...]:
     if not plan.shape:
         return ()
     return tuple(int(v) for v in np.unravel_index(i, plan.shape, order=plan.order))
@@ -102,7 +112,7 @@ class Errors:
                 self.first = (exc, lo, hi)
 
 
-def native_kernel(plan, space) -> int:
+def native_kernel(plan: Any, space: Space) -> int:
     if plan.kind == "builtin":
         return plan.func.address(plan.out_dtype)
     from coremap._kernels import _numba
@@ -113,7 +123,7 @@ def native_kernel(plan, space) -> int:
     )
 
 
-def raise_native_failure(plan, space, lo: int, hi: int):
+def raise_native_failure(plan: Any, space: Space, lo: int, hi: int) -> None:
     from coremap._kernels import _numba
 
     grids = [space.grid(k) for k in range(len(plan.inputs))]
@@ -131,7 +141,7 @@ def raise_native_failure(plan, space, lo: int, hi: int):
     raise exc
 
 
-def chunk_function(plan, space, errors: Errors):
+def chunk_function(plan: Any, space: Space, errors: Errors) -> Chunk:
     """The Python-level chunk function for ufunc, vectorized and python kinds."""
     nin = len(plan.inputs)
     grids = [None if inp.is_scalar else space.grid(k) for k, inp in enumerate(plan.inputs)]
@@ -141,12 +151,12 @@ def chunk_function(plan, space, errors: Errors):
 
     if plan.kind == "ufunc":
 
-        def run(lo, hi):
+        def run_ufunc(lo: int, hi: int) -> None:
             for r0, r1, c0, c1 in space.segments(lo, hi):
                 args = [s if g is None else g[r0:r1, c0:c1] for g, s in zip(grids, scalars)]
                 func(*args, out=out_grid[r0:r1, c0:c1], casting="same_kind")
 
-        return run
+        return run_ufunc
 
     def store(res, r0, r1, c0, c1, lo):
         target = out_grid[r0:r1, c0:c1]
@@ -161,22 +171,22 @@ def chunk_function(plan, space, errors: Errors):
 
     if plan.kind == "vectorized":
 
-        def run(lo, hi):
+        def run_vectorized(lo: int, hi: int) -> None:
             for r0, r1, c0, c1 in space.segments(lo, hi):
                 args = [s if g is None else g[r0:r1, c0:c1].reshape(-1)
                         for g, s in zip(grids, scalars)]
                 store(func(*args), r0, r1, c0, c1, lo)
 
-        return run
+        return run_vectorized
 
-    def run(lo, hi):  # plain Python scalar function, element by element
+    def run_python(lo: int, hi: int) -> None:  # plain Python scalar function, element by element
         for r0, r1, c0, c1 in space.segments(lo, hi):
             count = (r1 - r0) * (c1 - c0)
             cols = [
                 itertools.repeat(s, count) if g is None else g[r0:r1, c0:c1].reshape(-1).tolist()
                 for g, s in zip(grids, scalars)
             ]
-            res = []
+            res: list[Any] = []
             append = res.append
             try:
                 for value in map(func, *cols):  # map: the cheapest per-element call
@@ -189,10 +199,11 @@ def chunk_function(plan, space, errors: Errors):
             store(res, r0, r1, c0, c1, lo)
             lo += count
 
-    return run
+    return run_python
 
 
-def probe(func, kind: str, func_name: str, scalars: list[bool], args: list) -> np.ndarray:
+def probe(func: Callable[..., Any], kind: str, func_name: str, scalars: list[bool],
+          args: list) -> np.ndarray:
     """Run ``func`` on the first few elements (``args``): their results, whose dtype is
     the call's result dtype. The caller keeps them, so no element runs twice."""
     k = max((len(a) for a, s in zip(args, scalars) if not s), default=1)
@@ -208,7 +219,8 @@ def probe(func, kind: str, func_name: str, scalars: list[bool], args: list) -> n
     return res
 
 
-def probe_dtype(func, kind: str, func_name: str, scalars: list[bool], args: list) -> np.dtype:
+def probe_dtype(func: Callable[..., Any], kind: str, func_name: str, scalars: list[bool],
+                args: list) -> np.dtype:
     """Run ``func`` on the first few elements (``args``) to learn its result dtype."""
     return probe(func, kind, func_name, scalars, args).dtype
 
@@ -220,7 +232,7 @@ def probe_dtype(func, kind: str, func_name: str, scalars: list[bool], args: list
 PROBE = 256
 
 
-def probe_args(call) -> list:
+def probe_args(call: Any) -> list:
     """The first ``PROBE`` elements of each input in iteration order (scalars as given)."""
     k = min(call.size, PROBE)
     idx = np.unravel_index(np.arange(k), call.shape, order=call.order) if call.shape else ()
@@ -228,7 +240,7 @@ def probe_args(call) -> list:
             for inp in call.inputs]
 
 
-def probe_call(call):
+def probe_call(call: Any) -> tuple[np.ndarray, int] | None:
     """Run the function here on the first elements to learn the result dtype (vectorized
     and python kinds), before any allocation; sets ``call.out_dtype``. Returns
     ``(results, ns)`` to keep, or None."""
@@ -243,7 +255,8 @@ def probe_call(call):
     return values, ns
 
 
-def call_task(call, space, errors, probed):
+def call_task(call: Any, space: Space, errors: Errors,
+              probed: tuple[np.ndarray, int] | None) -> Task:
     """The task for a Python chunk function; with ``probed``, the probe's results are
     kept for the first elements, so each element runs exactly once."""
     chunk = chunk_function(call, space, errors)
@@ -253,7 +266,7 @@ def call_task(call, space, errors, probed):
     k = len(values)
     out_grid = space.grid(len(call.inputs))
 
-    def reuse(lo, hi):
+    def reuse(lo: int, hi: int) -> None:
         if lo < k:
             store_kept(space, out_grid, values, lo, min(hi, k))
             lo = min(hi, k)
@@ -264,7 +277,7 @@ def call_task(call, space, errors, probed):
     if call.schedule == "static":
         return task  # untimed: whoever claims the first block copies the kept results
 
-    def probed_first(job, caller):
+    def probed_first(job: Job, caller: bool) -> None:
         # Timed schedules: the caller claims the chunks the probe computed and completes
         # them with the probe's own time, so the chunk sizes learnt next are right.
         if caller and job.enter():
@@ -277,7 +290,7 @@ def call_task(call, space, errors, probed):
     return probed_first
 
 
-def _complete_probed(job, reuse, k: int, ns: int, errors) -> None:
+def _complete_probed(job: Job, reuse: Chunk, k: int, ns: int, errors: Errors) -> None:
     while (claim := job.claim()) is not None:
         lo, hi = claim
         t0 = perf_counter_ns()
@@ -294,7 +307,7 @@ def _complete_probed(job, reuse, k: int, ns: int, errors) -> None:
             return
 
 
-def store_kept(space, out_grid, values: np.ndarray, lo: int, hi: int) -> None:
+def store_kept(space: Space, out_grid: np.ndarray, values: np.ndarray, lo: int, hi: int) -> None:
     """Write the kept probe results ``values[lo:hi]`` into elements ``[lo, hi)`` of the
     output (``out_grid``, the output's grid in ``space``), in iteration order."""
     pos = lo
@@ -304,7 +317,7 @@ def store_kept(space, out_grid, values: np.ndarray, lo: int, hi: int) -> None:
         pos += block.size
 
 
-def raise_errors(call, errors, job, space, native: bool) -> None:
+def raise_errors(call: Any, errors: Errors, job: Job, space: Space, native: bool) -> None:
     """Raise the call's first failure (with the chunk or element it came from), if any."""
     if errors.first is not None:
         exc, lo, hi = errors.first

@@ -23,8 +23,10 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from coremap import _shm
 from coremap._kernels import _runner
@@ -114,31 +116,41 @@ class SharedArray(_shm.SegmentArray):
 
     # -- construction ---------------------------------------------------------------
     @classmethod
-    def empty(cls, shape, dtype=float, order: str = "C") -> SharedArray:
+    def empty(
+        cls,
+        shape: int | np.integer | Sequence[int],
+        dtype: DTypeLike = float,
+        order: _shm.Order = "C",
+    ) -> SharedArray:
         """A new shared array (its memory is reserved and zero-filled by the OS)."""
         dtype = np.dtype(dtype)
         if dtype.hasobject:
             raise TypeError("a SharedArray cannot hold Python objects (object dtype)")
         if order not in ("C", "F"):
             raise ValueError(f"order must be 'C' or 'F', got {order!r}")
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        if any(int(s) < 0 for s in shape):
-            raise ValueError(f"negative dimensions are not allowed: {shape}")
-        seg = _shm.Segment.create(math.prod(shape) * dtype.itemsize)
-        return _shm.array_in(seg, shape, dtype, order, cls)
+        dims = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        if any(int(s) < 0 for s in dims):
+            raise ValueError(f"negative dimensions are not allowed: {dims}")
+        seg = _shm.Segment.create(math.prod(dims) * dtype.itemsize)
+        return _shm.array_in(seg, dims, dtype, order, cls)
 
     @classmethod
-    def zeros(cls, shape, dtype=float, order: str = "C") -> SharedArray:
+    def zeros(
+        cls,
+        shape: int | np.integer | Sequence[int],
+        dtype: DTypeLike = float,
+        order: _shm.Order = "C",
+    ) -> SharedArray:
         """A new shared array of zeros (fresh segments are zero-filled: no write needed)."""
         return cls.empty(shape, dtype, order)
 
     @classmethod
-    def from_array(cls, x) -> SharedArray:
+    def from_array(cls, x: ArrayLike) -> SharedArray:
         """A shared copy of ``x`` (same shape and dtype; Fortran order kept)."""
-        x = np.asarray(x)
-        order = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
-        out = cls.empty(x.shape, x.dtype, order)
-        np.copyto(out, x)
+        arr = np.asarray(x)
+        order: _shm.Order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
+        out = cls.empty(arr.shape, arr.dtype, order)
+        np.copyto(out, arr)
         return out
 
     # -- numpy subclass protocol ------------------------------------------------------

@@ -36,12 +36,16 @@ from coremap import _layout
 from coremap._kernels import _runner
 from coremap._tasks import (
     Errors,
+    Task,
     call_task,
     native_kernel,
     native_task,
     probe_call,
     raise_errors,
 )
+
+# ``call`` below is a ``_plan.Call``, read by attribute (this layer never imports the
+# planner, so it is typed ``Any``); a task is ``task(job, caller)`` (_tasks.py).
 
 # Chunk timing (see _kernels/_runner.pyx). A chunk aims at TARGET_CHUNK_NS, so
 # Ctrl-C and cancels act within about that long (a responsiveness choice, well
@@ -67,12 +71,12 @@ FIRST_CHUNK_PYTHON = 64
 NATIVE_KINDS = ("builtin", "numba")
 
 
-def first_chunk(call) -> int:
+def first_chunk(call: Any) -> int:
     """The first timed chunk's length."""
     return min(call.chunk, FIRST_CHUNK_PYTHON if call.kind == "python" else FIRST_CHUNK)
 
 
-def new_job(call):
+def new_job(call: Any) -> _runner.Job:
     """The runner's job for a call: timed chunks except for the static schedule."""
     timed = call.schedule != "static"
     return _runner.Job(
@@ -83,11 +87,11 @@ def new_job(call):
     )
 
 
-def _floor_ns(call) -> int:
+def _floor_ns(call: Any) -> int:
     return FLOOR_NATIVE_NS if call.kind in NATIVE_KINDS else FLOOR_CHUNK_NS
 
 
-def _unobserved(task, job, kernel=None):
+def _unobserved(task: Task, job: _runner.Job, kernel: object = None) -> Task:
     return task
 
 
@@ -114,7 +118,7 @@ class Hooks(NamedTuple):
 NO_HOOKS = Hooks()
 
 
-def no_elements(call) -> np.ndarray:
+def no_elements(call: Any) -> np.ndarray:
     """The result of a call with no elements (its dtype probed here if needed)."""
     if call.out_dtype is None:
         probe_call(call)
@@ -127,7 +131,7 @@ class Engine:
 
     name = "engine"
 
-    def execute(self, call, hooks: Hooks = NO_HOOKS) -> np.ndarray:
+    def execute(self, call: Any, hooks: Hooks = NO_HOOKS) -> np.ndarray:
         """Run ``call`` and return its output array (or raise its first error)."""
         raise NotImplementedError
 
@@ -149,12 +153,14 @@ class InProcessEngine(Engine):
     # into a private buffer, copied into ``out=`` only on success.
     python_chunks_outlive_timeout = False
 
-    def run(self, job, task, workers: int, on_progress=None, *, timeout=None) -> None:
+    def run(self, job: _runner.Job, task: Task, workers: int,
+            on_progress: Callable[[int], None] | None = None, *,
+            timeout: float | None = None) -> None:
         """Run ``task`` until ``job`` is finished (see the class docstring); with
         ``timeout``, raise ``TimeoutError`` once the job is cancelled after it."""
         raise NotImplementedError
 
-    def execute(self, call, hooks: Hooks = NO_HOOKS) -> np.ndarray:
+    def execute(self, call: Any, hooks: Hooks = NO_HOOKS) -> np.ndarray:
         """Run ``call`` here: operands, job and task prepared, then ``self.run``."""
         if not call.size:
             return no_elements(call)

@@ -36,6 +36,8 @@ import functools
 import ipaddress
 import sys
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +66,7 @@ def _importable_elsewhere(module) -> bool:
     return top in _installed_packages()
 
 
-def pickle_function(func) -> bytes:
+def pickle_function(func: object) -> bytes:
     """cloudpickle ``func``, by value when its module is not installed everywhere."""
     import cloudpickle
 
@@ -89,7 +91,7 @@ class _Adapter(Engine):
 
     name = "cluster"
 
-    def execute(self, call, hooks: Hooks = NO_HOOKS) -> np.ndarray:
+    def execute(self, call: Any, hooks: Hooks = NO_HOOKS) -> np.ndarray:
         """Run ``call`` on the cluster (see ``run_call``)."""
         if not call.size:
             return no_elements(call)
@@ -98,10 +100,12 @@ class _Adapter(Engine):
     def engines(self) -> int:
         raise NotImplementedError
 
-    def submit(self, fn, args, retries: int):
+    def submit(self, fn: Callable[..., Any], args: tuple, retries: int) -> Any:
+        """Send ``fn(*args)`` to the cluster (retried ``retries`` times): its future."""
         raise NotImplementedError
 
-    def result(self, fut, timeout):
+    def result(self, fut: Any, timeout: float | None) -> Any:
+        """Wait for ``fut`` (``submit``'s) at most ``timeout`` seconds: its result."""
         raise NotImplementedError
 
 
@@ -126,7 +130,7 @@ class _IPyParallel(_Adapter):
             return max(1, len(self.client.ids))
         return max(1, len(targets) if isinstance(targets, (list, tuple)) else 1)
 
-    def submit(self, fn, args, retries):
+    def submit(self, fn: Callable[..., Any], args: tuple, retries: int) -> Any:
         with self.view.temp_flags(retries=retries):
             return self.view.apply_async(fn, *args)
 
@@ -170,7 +174,7 @@ class _Dask(_Adapter):
         info = self.client.scheduler_info()
         return max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
 
-    def submit(self, fn, args, retries):
+    def submit(self, fn: Callable[..., Any], args: tuple, retries: int) -> Any:
         return self.client.submit(fn, *args, retries=retries, pure=False)
 
     def result(self, fut, timeout):
@@ -221,7 +225,7 @@ def _check_dask_security(client) -> None:
 
 # -- running a call ------------------------------------------------------------------------
 
-def _chunks(n: int, engines: int) -> list:
+def _chunks(n: int, engines: int) -> list[tuple[int, int]]:
     count = max(1, min(n, engines * CHUNKS_PER_ENGINE))
     bounds = np.linspace(0, n, count + 1).astype(np.int64)
     return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
@@ -255,7 +259,7 @@ def _input_slicer(call):
     return chunk_args
 
 
-def run_call(adapter: _Adapter, call, hooks) -> np.ndarray:
+def run_call(adapter: _Adapter, call: Any, hooks: Hooks) -> np.ndarray:
     """Run ``call`` on a cluster: chunks out, results into ``out`` in order.
 
     ``hooks.run_chunk(func_bytes, key, kind, args, out_dtype)`` is what each engine runs
@@ -263,15 +267,16 @@ def run_call(adapter: _Adapter, call, hooks) -> np.ndarray:
     """
     from coremap import _layout
 
-    if hooks.run_chunk is None:
+    run_chunk = hooks.run_chunk
+    if run_chunk is None:
         raise TypeError("a cluster engine needs hooks.run_chunk, the function its chunks run")
     func_bytes = pickle_function(call.func)
     key = digest(func_bytes)  # engines unpickle each function once per key
     chunks = _chunks(call.size, adapter.engines())
     chunk_args = _input_slicer(call)
 
-    def submit(lo, hi, dtype):
-        return adapter.submit(hooks.run_chunk, (func_bytes, key, call.kind,
+    def submit(lo: int, hi: int, dtype: np.dtype | None) -> Any:
+        return adapter.submit(run_chunk, (func_bytes, key, call.kind,
                                                 chunk_args(lo, hi), dtype), call.retries)
 
     first = None

@@ -22,6 +22,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from typing import Any
 
 from coremap._errors import raised_by_noted
 from coremap._functions import FunctionCache
@@ -137,13 +140,14 @@ def run_task(spec: TaskSpec, funcs: FunctionCache) -> Reply:
     func = funcs.load(spec.func, spec.func_key)
     items = loads_shared(spec.args, spec.shared, buffers=spec.buffers)
     mode = spec.mode
+    calls: Iterator[Any]
     if mode == "map":
         calls = map(func, items)
     elif mode == "star":
         calls = itertools.starmap(func, items)
     else:
         calls = (func(*args, **kwds) for args, kwds in items)
-    results = []
+    results: list[Any] = []
     append = results.append
     try:
         for value in calls:
@@ -158,7 +162,7 @@ def run_task(spec: TaskSpec, funcs: FunctionCache) -> Reply:
     return Reply(RESULT, spec.task_id, payload)
 
 
-def _initialize(conn, spec: InitSpec) -> bool:
+def _initialize(conn: Connection, spec: InitSpec) -> bool:
     """Run a Pool's initializer; if it raises, report it (answering the InitSpec's id)."""
     try:
         initializer, initargs = pickle.loads(spec.func)
@@ -199,6 +203,8 @@ def run_call(spec: CallSpec, funcs: FunctionCache, segments: dict) -> Reply:
         if name not in spec.keep and name not in used:
             segments.pop(name).close()  # unmapped once no array of ours uses it
     space = _layout.build_space(views)
+    if space is None:  # the parent staged views that form one (copied if needed)
+        raise RuntimeError("the call's operands form no iteration space (internal error)")
     job = spec.job.job(state=ctrl.address + spec.ctrl.state_offset, init=False,
                        state_owner=ctrl)
     job.set_slot(ctrl.address + spec.ctrl.slot_offset)
@@ -219,8 +225,8 @@ def run_call(spec: CallSpec, funcs: FunctionCache, segments: dict) -> Reply:
         chunk = _skipping(chunk, spec.skip)
     _tasks.python_task(chunk, errors)(job, False)
     if errors.first is not None:
-        exc, lo, hi = errors.first
-        return _report(exc, call_id, lo, hi)
+        first, lo, hi = errors.first
+        return _report(first, call_id, lo, hi)
     return Reply(DONE, call_id)
 
 
@@ -236,15 +242,13 @@ def _skipping(chunk, skip: int):
 
 def bootstrap(fd: int, parent_pid: int) -> None:
     """Entry point of a worker process: ``python -c`` calls this with its socket."""
-    from multiprocessing.connection import Connection
-
     conn = Connection(fd)
     setup = pickle.loads(conn.recv_bytes())
     sys.path[:] = setup.sys_path  # so functions pickled by reference import here too
     main(conn, parent_pid)
 
 
-def main(conn, parent_pid: int) -> None:
+def main(conn: Connection, parent_pid: int) -> None:
     """The worker's loop (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["COREMAP_WORKERS"] = "1"  # nested calls run serially
@@ -283,5 +287,5 @@ def main(conn, parent_pid: int) -> None:
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
             reply = _report(exc, getattr(msg, "task_id", None), -1, -1)
         conn.send_bytes(pickle.dumps(reply))
-        if reply.kind == ERROR and reply.error.exits:
+        if reply.kind == ERROR and reply.error is not None and reply.error.exits:
             return  # asked to stop: the parent replaces this worker
