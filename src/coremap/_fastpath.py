@@ -25,7 +25,9 @@ compiles it again (``_kernels/_rebuild.py``). Functions that read no globals
 """
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from time import perf_counter_ns
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,15 +40,19 @@ from coremap.engines import get_engine
 from coremap.engines._base import ESCALATE_NS, TARGET_CHUNK_NS, new_job
 from coremap.kernels import Affine
 
+if TYPE_CHECKING:
+    from coremap._kernels._rebuild import Watch
+    from coremap._plan import Call
+
 _SCALARS = (float, int, complex, bool)
 # A call whose previous run measured less than this runs in one inline kernel
 # call (a job and its timing cost a few microseconds, see W5 in docs/benchmarks.rst).
 _INLINE_NS = ESCALATE_NS // 4
 _CACHE_MAX = 256
-_cache: dict = {}
+_cache: dict[Hashable, _Entry] = {}
 
 
-def _inline(entry, estimate_ns: float) -> bool:
+def _inline(entry: _Entry, estimate_ns: float) -> bool:
     """Run a cached call as one inline kernel call (no job, no timing, no helpers)?
 
     With helpers: when the whole call is worth less than waking one (the runner
@@ -60,8 +66,22 @@ def _inline(entry, estimate_ns: float) -> bool:
 
 
 class _Entry:
+    """A cached signature's decisions (see the module docstring)."""
+
     __slots__ = ("kind", "engine", "workers", "address", "meta", "dtype", "scalar_dtypes",
                  "plan", "size", "shape", "ns_per_element", "watch")
+    kind: str
+    engine: str
+    workers: int
+    address: int  # the native kernel's (numba, builtin); 0 for a ufunc (never read)
+    meta: list[int]
+    dtype: np.dtype | None
+    scalar_dtypes: list[np.dtype | None]  # per item: None for an array
+    plan: Call
+    size: int
+    shape: tuple[int, ...]
+    ns_per_element: float | None  # learnt on the first fast call
+    watch: Watch | None
 
 
 def _key(func, items):
@@ -86,14 +106,16 @@ def _key(func, items):
     return (func, shape, *parts, _config.defaults_key()), shape
 
 
-def lookup(arrays, func, options_key):
+def lookup(
+    arrays: object, func: object, options_key: Hashable | None
+) -> tuple[_Entry | None, tuple, Hashable | None]:
     """The cached entry for this call (or None), the call's items, and its key.
 
     ``options_key`` is ``_plan.fast_key``'s; None (an option the fast path does not
-    carry) gives ``(None, None, None)``.
+    carry) gives ``(None, (), None)``.
     """
     if options_key is None or _insights.recording:  # explain(run=True) hooks the full path
-        return None, None, None
+        return None, (), None
     items = arrays if type(arrays) is tuple else (arrays,)
     try:
         key, _ = _key(func, items)
@@ -101,11 +123,11 @@ def lookup(arrays, func, options_key):
             key = (*key, options_key)
         entry = _cache.get(key) if key is not None else None
     except TypeError:  # an unhashable function
-        return None, None, None
+        return None, (), None
     return entry, items, key
 
 
-def remember(key, plan, items) -> None:
+def remember(key: Any, plan: Call, items: Sequence[object]) -> None:
     """Cache ``plan`` under ``key`` if its layout is the simple one."""
     if key is None or plan.kind not in ("numba", "builtin", "ufunc") or plan.size == 0:
         return
@@ -129,11 +151,13 @@ def remember(key, plan, items) -> None:
     e.shape = plan.shape
     e.scalar_dtypes = [None if type(i) is np.ndarray else inp.dtype
                        for i, inp in zip(items, plan.inputs)]
-    e.address = None
+    e.address = 0
     e.watch = None
     if plan.kind == "numba":
         from coremap._kernels import _numba
 
+        if plan.out_dtype is None:  # (never: compiling the function told its dtype)
+            return
         e.watch = _numba.watch_of(plan.func, len(plan.in_dtypes))
         classes = "".join("c" if d is None else "s" for d in e.scalar_dtypes) + "c"
         e.address = _numba.kernel_address(plan.func, plan.in_dtypes, plan.out_dtype, classes)
@@ -153,7 +177,7 @@ def remember(key, plan, items) -> None:
     _cache[key] = e
 
 
-def _usable_out(out, entry, arrays) -> bool:
+def _usable_out(out: object, entry: _Entry, arrays: tuple) -> bool:
     """Can the kernel write straight into ``out``? (else the full path handles it)"""
     if not (type(out) is np.ndarray and out.shape == entry.shape and out.dtype == entry.dtype):
         return False
@@ -169,7 +193,7 @@ def _usable_out(out, entry, arrays) -> bool:
     return True
 
 
-def run(entry, func, items, out=None):
+def run(entry: _Entry, func: Any, items: tuple, out: object = None) -> Any:
     """Run a cached call; ``None`` if it must be redone on the full path."""
     if entry.kind == "ufunc":
         if entry.engine == "serial":
