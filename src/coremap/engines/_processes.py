@@ -50,10 +50,12 @@ import pickle
 import threading
 import time
 import weakref
-from multiprocessing.connection import wait
-from typing import NamedTuple
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from coremap import _layout, _shm
 from coremap._errors import RemoteError, WorkerCrashedError, exit_text, note_raised_by
@@ -129,7 +131,7 @@ def rebuild_error(reply: Reply) -> BaseException:
     ``KeyboardInterrupt`` become RemoteError: a worker's exit must not stop
     the calling process.
     """
-    err: ErrorInfo = reply.error
+    err = _error_of(reply)
     exc = None
     if err.payload is not None and not err.exits:
         try:
@@ -140,6 +142,14 @@ def rebuild_error(reply: Reply) -> BaseException:
         exc = RemoteError(err.type_name, err.message, err.traceback)
     exc.__cause__ = _RemoteTraceback(err.traceback)
     return exc
+
+
+def _error_of(reply: Reply) -> ErrorInfo:
+    """An ERROR reply's error (each one carries it)."""
+    if reply.error is None:
+        raise ProtocolError(f"a worker sent a {reply.kind!r} reply without its error "
+                            "(internal error)")
+    return reply.error
 
 
 class _Process:
@@ -377,20 +387,22 @@ class ProcessEngine(Engine):
         self.pool.pids = {w.process.pid for w in procs}
         return procs
 
-    def segment_array(self, shape, dtype, order="C"):
+    def segment_array(
+        self, shape: tuple[int, ...], dtype: DTypeLike, order: _shm.Order = "C"
+    ) -> tuple[_shm.SegmentArray, _shm.Segment]:
         """An array in a pooled segment (``_shm.SegmentArray``), for one call's operand."""
         import math
 
-        dtype = np.dtype(dtype)
-        seg = self.pool.take(math.prod(shape) * dtype.itemsize)
-        return _shm.array_in(seg, shape, dtype, order), seg
+        dt = np.dtype(dtype)
+        seg = self.pool.take(math.prod(shape) * dt.itemsize)
+        return _shm.array_in(seg, shape, dt, order), seg
 
     def prepare(self, workers: int) -> list[_Worker]:
         """Start (or replace) the workers of the next call; call before ``segment_array``."""
         with self._lock:
             return self._ensure(workers)
 
-    def execute(self, call, hooks: Hooks = NO_HOOKS):
+    def execute(self, call: Any, hooks: Hooks = NO_HOOKS) -> np.ndarray:
         """Run ``call`` on the workers: operands in shared memory, nothing pickled but
         names, offsets, shapes and strides (and the function, once per worker)."""
         if not call.size:
@@ -417,13 +429,13 @@ class ProcessEngine(Engine):
         if call.out_dtype is not None:
             return call, None
         t0 = time.monotonic()
-        probed = self.probe(ProbeSpec(
+        values = self.probe(ProbeSpec(
             task_id=-1, func=func_bytes, kind=call.kind, func_name=call.func_name,
             scalars=[i.is_scalar for i in call.inputs], args=probe_args(call),
         ), call.shape, call.order, call.timeout)
-        call.out_dtype = probed.dtype
-        if probed.shape != (min(call.size, PROBE),):
-            probed = None  # (a vectorized function of the wrong length fails in its chunk)
+        call.out_dtype = values.dtype
+        # (a vectorized function of the wrong length fails in its chunk: nothing kept)
+        probed = values if values.shape == (min(call.size, PROBE),) else None
         if call.timeout is not None:
             call = dataclasses.replace(
                 call, timeout=max(1e-3, call.timeout - (time.monotonic() - t0)))
@@ -444,11 +456,13 @@ class ProcessEngine(Engine):
         return _layout.prepare_operands(call, target=call.out if direct else segment(),
                                         temporary=segment)
 
-    def _stage(self, call, space):
+    def _stage(
+        self, call: Any, space: _layout.Space
+    ) -> tuple[list[np.ndarray], list[_shm.Segment | None]]:
         """``(views, segments)``: every operand in a segment (arrays in one already used
         in place, others copied once into a pooled segment); scalars have None."""
         views = list(space.views)
-        segs = []
+        segs: list[_shm.Segment | None] = []
         for k, v in enumerate(views):
             origin = call.inputs[k].value if k < len(call.inputs) else None
             seg = _shm.segment_of(v, origin)
@@ -468,7 +482,8 @@ class ProcessEngine(Engine):
                     views[k] = arr
         return views, segs
 
-    def run(self, spec: CallSpec, procs, timeout=None, on_progress=None) -> None:
+    def run(self, spec: CallSpec, procs: list[_Worker], timeout: float | None = None,
+            on_progress: Callable[[int], None] | None = None) -> None:
         """Send one prepared call to the workers from ``prepare``; raise the first failure.
 
         ``spec`` is the call's CallSpec; its ``task_id``, ``ctrl``, ``keep`` and
@@ -483,7 +498,8 @@ class ProcessEngine(Engine):
             spec = spec._replace(
                 task_id=next(self._ids), keep=frozenset(self.pool.names()),
                 func_key=digest(spec.func))
-            sent, started = 0, []
+            sent = 0
+            started: list[_Worker] = []
             try:
                 for w in procs:
                     msg = spec._replace(ctrl=CtrlDesc(ctrl.name, CTRL_STATE,
@@ -513,7 +529,8 @@ class ProcessEngine(Engine):
             w.kill()  # in case it lives on without its socket; replaced next call
             raise error from exc
 
-    def probe(self, spec: ProbeSpec, shape, order, timeout=None) -> object:
+    def probe(self, spec: ProbeSpec, shape: tuple[int, ...], order: str,
+              timeout: float | None = None) -> np.ndarray:
         """Run the probe in a worker; return its results (an array) or raise its error."""
         with self._lock:
             w = self._ensure(1)[0]
@@ -631,25 +648,26 @@ class ProcessEngine(Engine):
             raise first_error
 
     @staticmethod
-    def _abandon(pending: dict, job) -> None:
+    def _abandon(pending: dict[Connection, _Worker], job: Any) -> None:
         """Cancel; give the ``pending`` workers a moment to finish their chunk and
         answer (the answer is dropped); kill those that do not."""
         job.cancel()
         end = time.monotonic() + STOP_GRACE
         while pending and time.monotonic() < end:
-            for r in wait(list(pending), timeout=0.05):
+            ready = wait(list(pending), timeout=0.05)
+            for conn in [c for c in pending if c in ready]:
                 try:
-                    r.recv_bytes()
+                    conn.recv_bytes()
                 except (EOFError, OSError):
                     pass
-                pending.pop(r, None)
+                pending.pop(conn, None)
         for w in pending.values():
             w.kill()
 
     @staticmethod
-    def _retire_if_exiting(w, reply: Reply) -> None:
+    def _retire_if_exiting(w: _Worker, reply: Reply) -> None:
         """A worker that reported SystemExit/KeyboardInterrupt exits: reap it now."""
-        if reply.kind == ERROR and reply.error.exits:
+        if reply.kind == ERROR and _error_of(reply).exits:
             w.process.join(2)
             if w.process.is_alive():
                 w.process.kill()
@@ -667,7 +685,7 @@ class ProcessEngine(Engine):
 
     def _rebuild_error(self, reply: Reply, spec) -> BaseException:
         exc = rebuild_error(reply)
-        err = reply.error
+        err = _error_of(reply)
         if not err.raised_by_noted:
             note_raised_by(exc, spec.func_name, "in a worker process, on the "
                            f"{self._chunk_text(err.lo, err.hi, spec)}")
@@ -746,7 +764,7 @@ def _describe(view, seg) -> ViewDesc:
 
 def _call_spec(call, func_bytes: bytes, views, segs, skip: int) -> CallSpec:
     """The message each worker gets; its task_id, func_key, ctrl and keep are filled in
-    by ``ProcessEngine.run``."""
+    by ``ProcessEngine.run`` (the placeholders here are never sent)."""
     light = [inp if inp.is_scalar else _layout.Input(None, np.empty((), inp.dtype), False)
              for inp in call.inputs]
     timed = call.schedule != "static"
@@ -758,5 +776,5 @@ def _call_spec(call, func_bytes: bytes, views, segs, skip: int) -> CallSpec:
         shape=call.shape, order=call.order, inputs=light, in_dtypes=call.in_dtypes,
         out_dtype=call.out_dtype,
         views=[None if s is None else _describe(v, s) for v, s in zip(views, segs)],
-        job=job, ctrl=None, keep=frozenset(), skip=skip,
+        job=job, ctrl=CtrlDesc("", 0, 0), keep=frozenset(), skip=skip,
     )
