@@ -84,8 +84,8 @@ class _Entry:
     watch: Watch | None
 
 
-def _key(func, items):
-    parts = []
+def _key(func: object, items: tuple) -> tuple[tuple | None, tuple[int, ...] | None]:
+    parts: list[object] = []
     shape = None
     for item in items:
         t = type(item)

@@ -70,7 +70,7 @@ class SharedLock:
     def __enter__(self) -> bool:
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
     def __reduce__(self):
@@ -196,6 +196,6 @@ class SharedArray(_shm.SegmentArray):
     def __enter__(self) -> SharedArray:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.unlink()
 

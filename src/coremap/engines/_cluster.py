@@ -112,7 +112,7 @@ class _Adapter(Engine):
 class _IPyParallel(_Adapter):
     name = "ipyparallel"
 
-    def __init__(self, backend) -> None:
+    def __init__(self, backend: Any) -> None:
         import ipyparallel as ipp
 
         if isinstance(backend, ipp.Client):
@@ -134,7 +134,7 @@ class _IPyParallel(_Adapter):
         with self.view.temp_flags(retries=retries):
             return self.view.apply_async(fn, *args)
 
-    def result(self, fut, timeout):
+    def result(self, fut: Any, timeout: float | None) -> Any:
         import time
 
         import ipyparallel as ipp
@@ -166,7 +166,7 @@ class _IPyParallel(_Adapter):
 class _Dask(_Adapter):
     name = "dask.distributed"
 
-    def __init__(self, client) -> None:
+    def __init__(self, client: Any) -> None:
         self.client = client
         _check_dask_security(client)
 
@@ -177,7 +177,7 @@ class _Dask(_Adapter):
     def submit(self, fn: Callable[..., Any], args: tuple, retries: int) -> Any:
         return self.client.submit(fn, *args, retries=retries, pure=False)
 
-    def result(self, fut, timeout):
+    def result(self, fut: Any, timeout: float | None) -> Any:
         from distributed import KilledWorker
 
         try:

@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coremap._errors import raised_by_noted
 from coremap._functions import FunctionCache
@@ -43,6 +43,11 @@ from coremap.engines._messages import (
     TaskSpec,
 )
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from coremap import _shm
+
 IN_WORKER_ENV = "COREMAP_IN_WORKER"
 __all__ = ["EXITS", "IN_WORKER_ENV", "bootstrap", "main"]
 
@@ -52,7 +57,7 @@ def _die_with_parent(parent_pid: int) -> None:
     # worker exits, and any thread may call parallel_map. A dead parent
     # re-parents the worker, which the watchdog sees within 0.25 s; an idle
     # worker also sees its socket close.
-    def watchdog():
+    def watchdog() -> None:
         while True:
             time.sleep(0.25)
             if os.getppid() != parent_pid:
@@ -92,7 +97,7 @@ def _after_eof(parent_pid: int) -> None:
 class _Call:
     """What ``_tasks.chunk_function`` needs to know about a call (a plan's subset)."""
 
-    def __init__(self, spec: CallSpec, func) -> None:
+    def __init__(self, spec: CallSpec, func: Callable[..., Any]) -> None:
         self.kind = spec.kind
         self.func = func
         self.func_name = spec.func_name
@@ -102,7 +107,7 @@ class _Call:
         self.in_dtypes = spec.in_dtypes
 
 
-def _views(spec: CallSpec, segments):
+def _views(spec: CallSpec, segments: dict[str, _shm.Segment]) -> list[np.ndarray]:
     import numpy as np
 
     from coremap import _layout, _shm
@@ -120,7 +125,7 @@ def _views(spec: CallSpec, segments):
     return views
 
 
-def _report(exc: BaseException, task_id, lo, hi) -> Reply:
+def _report(exc: BaseException, task_id: Any, lo: int, hi: int) -> Reply:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         payload = pickle.dumps(exc)
@@ -230,9 +235,9 @@ def run_call(spec: CallSpec, funcs: FunctionCache, segments: dict) -> Reply:
     return Reply(DONE, call_id)
 
 
-def _skipping(chunk, skip: int):
+def _skipping(chunk: Callable[[int, int], None], skip: int) -> Callable[[int, int], None]:
     """``chunk`` over ``[lo, hi)`` minus the first ``skip`` elements of the call."""
-    def run(lo, hi):
+    def run(lo: int, hi: int) -> None:
         lo = max(lo, skip)
         if lo < hi:
             chunk(lo, hi)
