@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,7 +140,8 @@ def iteration_view(arr: np.ndarray, shape: tuple[int, ...], order: str) -> np.nd
     return view.T if order == "F" else view
 
 
-def _collapse(shape, strides_list):
+def _collapse(shape: tuple[int, ...],
+              strides_list: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
     """Drop size-1 dims, merge dims whose strides allow it: ``[(size, [strides])]``."""
     merged: list[tuple[int, list[int]]] = []
     for d, size in enumerate(shape):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,7 +89,7 @@ PLAIN_KEY = ("plain",)
 PLAIN_OUT_KEY = ("plain", "out")
 
 
-def _compile_fast_key():
+def _compile_fast_key() -> Callable[..., tuple | None]:
     # Generated from the table, as dataclasses and namedtuple generate their methods:
     # a call that must pass every option by name (a missing or unknown one is a
     # TypeError on the first call), compared by identity, in ~0.2 us. A generic loop
