@@ -52,19 +52,6 @@ _CACHE_MAX = 256
 _cache: dict[Hashable, _Entry] = {}
 
 
-def _inline(entry: _Entry, estimate_ns: float) -> bool:
-    """Run a cached call as one inline kernel call (no job, no timing, no helpers)?
-
-    With helpers: when the whole call is worth less than waking one (the runner
-    would not wake any). On one worker: when it is shorter than a timed chunk,
-    the responsiveness budget of Ctrl-C (the job's pieces and clock reads cost a
-    call with workers=1 ~8-12 us; W2 at 10^4 elements: 0.91x a plain Numba loop).
-    """
-    if entry.workers == 1:
-        return estimate_ns < TARGET_CHUNK_NS
-    return estimate_ns < _INLINE_NS
-
-
 class _Entry:
     """A cached signature's decisions (see the module docstring)."""
 
@@ -84,7 +71,8 @@ class _Entry:
     watch: Watch | None
 
 
-def _key(func: object, items: tuple) -> tuple[tuple | None, tuple[int, ...] | None]:
+def _key(func: object, items: tuple,
+         options_key: Hashable) -> tuple[tuple | None, tuple[int, ...] | None]:
     parts: list[object] = []
     shape = None
     for item in items:
@@ -103,7 +91,7 @@ def _key(func: object, items: tuple) -> tuple[tuple | None, tuple[int, ...] | No
         return None, None
     if type(func) is Affine:  # a new affine(a, b) per call must not miss the cache
         func = (Affine, type(func.a), type(func.b))
-    return (func, shape, *parts, _config.defaults_key()), shape
+    return (func, shape, *parts, _config.defaults_key(), options_key), shape
 
 
 def lookup(
@@ -118,9 +106,7 @@ def lookup(
         return None, (), None
     items = arrays if type(arrays) is tuple else (arrays,)
     try:
-        key, _ = _key(func, items)
-        if key is not None:
-            key = (*key, options_key)
+        key, _ = _key(func, items, options_key)
         entry = _cache.get(key) if key is not None else None
     except TypeError:  # an unhashable function
         return None, (), None
@@ -214,14 +200,22 @@ def run(entry: _Entry, func: Any, items: tuple, out: object = None) -> Any:
     if ptrs is None:
         return None
     per = entry.ns_per_element
-    if per is not None and _inline(entry, entry.size * per):
-        # One kernel call, no job: known to be too small to wake anybody, or on one
-        # worker short enough that Ctrl-C is handled in time when it returns.
-        t0 = perf_counter_ns()
-        with kernel_scope():
-            ok = _runner.run_inline(entry.address, ptrs, entry.meta, 0, entry.size)
-        entry.ns_per_element = (perf_counter_ns() - t0) / entry.size
-        return out if ok else None
+    if per is not None:
+        estimate = entry.size * per
+        if estimate < _INLINE_NS:  # too small to wake anybody: one kernel call, no job
+            with kernel_scope():
+                ok = _runner.run_inline(entry.address, ptrs, entry.meta, 0, entry.size)
+            return out if ok else None
+        if entry.workers == 1 and estimate < TARGET_CHUNK_NS:
+            # One worker has nobody to wake, and a call shorter than a timed chunk
+            # handles Ctrl-C in time when it returns: one kernel call, timed to keep
+            # the estimate current (a job's timed pieces cost such a call 8-12 us;
+            # W2 at 10^4 elements ran at 0.91x a plain Numba loop through them).
+            t0 = perf_counter_ns()
+            with kernel_scope():
+                ok = _runner.run_inline(entry.address, ptrs, entry.meta, 0, entry.size)
+            entry.ns_per_element = (perf_counter_ns() - t0) / entry.size
+            return out if ok else None
     job = new_job(entry.plan)
     job.set_kernel(entry.address, ptrs, entry.meta, arrays)
     get_engine(entry.engine).run(job, native_task(), entry.workers)
