@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import subprocess
 import sys
 import textwrap
@@ -219,6 +220,7 @@ def test_workers_spin_within_the_pool_budget_after_a_call():
     assert float(res.stdout) < 0.03  # measured 0.014-0.015 s on 2 cores with 7 workers
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity")
 def test_a_process_allowed_one_cpu_runs_with_its_helpers_there():
     # a helper woken on the caller's CPU moves off it only where another CPU is
     # allowed; pinned to one CPU, the helpers stay and the call is still right
