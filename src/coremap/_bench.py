@@ -548,7 +548,7 @@ def bench_scaling(sizes: Iterable[int], repeat: int,
     in batches of calls lasting ~2 ms, so the clock's resolution does not matter.
     coremap's worker count is set with ``cm.config(workers=w)`` around the batch,
     as a program making many calls would: each call then takes the cached fast
-    path (an explicit ``workers=`` keyword goes through the planner every call).
+    path (an explicit ``workers=`` keyword is cached too, once per value).
     """
     import numba
 
@@ -823,7 +823,8 @@ def run(workloads: Iterable[str] = WORKLOADS, quick: bool = False,
         "JIT": lambda: bench_jit(repeat),
         "POOL": lambda: bench_pool(repeat, arrays=16 if not quick else 4),
         "SCALING": lambda: bench_scaling(
-            [10**3, 10**4, 10**5, 10**6] + ([] if quick else [10**7]), repeat),
+            [10**3, 10**4, 3 * 10**4, 10**5] + ([10**6] if quick else [3 * 10**5, 10**6, 10**7]),
+            repeat),
     }
     for w in workloads:
         part = steps[w]()
