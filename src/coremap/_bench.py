@@ -59,16 +59,18 @@ def median_time(fn: Callable[[], object], repeat: int = 5) -> float:
 # milliseconds after a parallel region and slow whatever runs next on a 2-core
 # machine (measured: W1 into out= 9.6 ms right after prange, 7.0 ms 10 ms later).
 GAP = 0.02
-# After the pause, a call shorter than this is timed inside a loop of LOOP calls
-# in a row (the sample is the median of all but the first), as users make such
-# calls. Timed cold, every short sample measured the machine waking up rather than
-# the contender: on the 2-core VM, after a 20 ms pause a 10-element coremap call
-# took 110-125 us instead of 4 us (a no-op Python call 1.0-1.3 us instead of
-# 0.1 us), and prange on 10^4 elements of W2 5 ms instead of 64 us (a halted
-# virtual CPU is slow to wake); the second call still ran 20-50 % slow, the third
-# was steady. Longer calls are timed one at a time.
+# After the pause, a call shorter than WARM_BELOW is timed inside a loop of calls
+# in a row lasting at least LOOP_S (and LOOP calls); the sample is the median of the
+# loop's second half, as users make such calls. After a pause every contender
+# runs slow for its first few calls on the 2-core VM, one Numba thread included:
+# W1 at 10^6 elements took 395, 352, 245, 208, 203 us on its first five calls.
+# Timed cold, a 10-element coremap call took 110-125 us instead of 4 us (a no-op
+# Python call 1.0-1.3 us instead of 0.1 us), and prange on 10^4 elements of W2
+# 5 ms instead of 64 us (a halted virtual CPU is slow to wake). Longer calls are
+# timed one at a time.
 WARM_BELOW = 0.05
-LOOP = 5
+LOOP = 6
+LOOP_S = 0.01
 
 
 def time_interleaved(contenders: Mapping[str, Callable[[], object]],
@@ -76,8 +78,8 @@ def time_interleaved(contenders: Mapping[str, Callable[[], object]],
     """Median seconds per contender, in a shuffled order, each sample after a pause.
 
     Each contender is warmed once first. A contender whose last sample took less
-    than ``WARM_BELOW`` seconds is sampled in a loop of ``LOOP`` calls (the median
-    of all but the first).
+    than ``WARM_BELOW`` seconds is sampled in a loop of calls lasting at least
+    ``LOOP_S`` seconds and ``LOOP`` calls: the median of the loop's second half.
     """
     import random
 
@@ -94,12 +96,16 @@ def time_interleaved(contenders: Mapping[str, Callable[[], object]],
         rng.shuffle(order)  # nobody always runs right after the same neighbour
         for name in order:
             time.sleep(GAP)
-            loop = []
-            for _ in range(LOOP if last[name] < WARM_BELOW else 1):
+            loop: list[float] = []
+            start = time.perf_counter()
+            while True:
                 t = time.perf_counter()
                 contenders[name]()
                 loop.append(time.perf_counter() - t)
-            last[name] = statistics.median(loop[1:] or loop)
+                if last[name] >= WARM_BELOW or (
+                        len(loop) >= LOOP and time.perf_counter() - start >= LOOP_S):
+                    break
+            last[name] = statistics.median(loop[len(loop) // 2:])
             samples[name].append(last[name])
     return {n: statistics.median(v) for n, v in samples.items()}
 
