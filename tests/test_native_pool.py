@@ -334,3 +334,28 @@ def test_a_helper_that_cannot_start_means_fewer_helpers():
     assert res.returncode == 0, res.stderr
     helpers = int(res.stdout.split()[-1])
     assert 0 <= helpers < 7
+
+
+def test_a_forked_child_gets_its_own_engines():
+    # the registry must not hand a forked child the parent's engine objects, whose
+    # Python threads do not exist there: a ufunc call with a deadline would post to
+    # dead queues and time out
+    res = run_script("""
+        import os, sys
+        import numpy as np
+        import coremap as cm
+        from coremap.engines import get_engine
+
+        x = np.random.default_rng(0).random(400_000)
+        cm.parallel_map(x, np.sin, workers=2, backend="threads")  # starts Python threads
+        parent = get_engine("threads")
+        pid = os.fork()
+        if pid == 0:
+            ok = get_engine("threads") is not parent
+            y = cm.parallel_map(x, np.sin, workers=2, backend="threads", timeout=20.0)
+            os._exit(0 if ok and np.array_equal(y, np.sin(x)) else 3)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status))
+    """)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "0"

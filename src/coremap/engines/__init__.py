@@ -37,6 +37,7 @@ or the front end; tests/test_house.py checks it.
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 
 from coremap._config import ENGINES
@@ -57,6 +58,17 @@ CLUSTER_INSTALL = 'pip install "coremap[cluster]"'
 
 _lock = threading.Lock()
 _instances: dict[str, object] = {}
+
+
+def _forget_after_fork() -> None:
+    # A forked child has none of the parent's threads or worker pipes: its engines
+    # are built afresh on first use (thread_engine and process_engine do the same).
+    global _lock
+    _instances.clear()
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _load(target):
