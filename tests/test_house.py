@@ -816,3 +816,19 @@ def test_one_operand_preparation_for_every_engine():
     mine = np.empty_like(x)
     ops = _layout.prepare_operands(call, target=mine, inputs=False)
     assert ops.target is mine and len(ops.space.views) == 1 and ops.out is simple
+
+
+@pytest.mark.parametrize("schedule", ["guided", "dynamic", "static"])
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_several_outputs_chunk_and_time_as_parallel_map(schedule, vectorized):
+    # one place decides a job's settings (engines/_base.job_params), whatever the path
+    from coremap import _multi
+    from coremap.engines._base import new_job
+
+    x = np.arange(50_000.0)
+    f = (lambda c: c * 2.0) if vectorized else (lambda v: v * 2.0)
+    call = _plan.plan_call(x, f, workers=2, schedule=schedule, vectorized=vectorized)
+    single = new_job(call)
+    several = _multi._job(call.size, call.kind, 2, schedule, None)
+    for name in ("chunk", "max_chunk", "target_ns", "floor_ns", "escalate_ns"):
+        assert getattr(several, name) == getattr(single, name), name

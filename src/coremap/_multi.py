@@ -24,15 +24,10 @@ import numpy as np
 
 from coremap import _config, _layout
 from coremap._errors import note_raised_by
-from coremap._kernels import _runner
+from coremap._plan import PROCESS_MIN_SIZE, _chunking
 from coremap._tasks import Errors, native_task, python_task
-from coremap.engines._base import ESCALATE_NS, FLOOR_CHUNK_NS, TARGET_CHUNK_NS
+from coremap.engines._base import new_job
 
-# Chunking as parallel_map's (_plan.py names the measurements; the chunk timing,
-# TARGET_CHUNK_NS, ESCALATE_NS and FLOOR_CHUNK_NS, is engines/_base.py's).
-MIN_CHUNK_NATIVE, MAX_CHUNK_NATIVE = 1_024, 1 << 16
-MIN_CHUNK_NUMPY, MAX_CHUNK_NUMPY = 8_192, 1 << 18
-PROCESS_MIN_SIZE = 1_000
 _BIG = 1 << 62
 
 
@@ -244,21 +239,13 @@ def _name(func) -> str:
 
 
 def _job(size, kind, workers, schedule, chunk_size):
-    native = kind == "numba"
-    lo, hi = (MIN_CHUNK_NATIVE, MAX_CHUNK_NATIVE) if native else (MIN_CHUNK_NUMPY,
-                                                                  MAX_CHUNK_NUMPY)
-    if schedule == "guided":
-        chunk = chunk_size or lo
-        cap = max(hi, chunk)
-    elif schedule == "dynamic":
-        chunk = cap = chunk_size or max(lo, -(-size // (workers * 16)))
-    else:
-        chunk = cap = chunk_size or max(1, -(-size // workers))
-    timed = schedule != "static"
-    return _runner.Job(size, workers, schedule, chunk, cap,
-                       target_ns=TARGET_CHUNK_NS if timed else 0,
-                       first_chunk=min(chunk, 1_024) if timed else 0,
-                       escalate_ns=ESCALATE_NS, floor_ns=FLOOR_CHUNK_NS if timed else 0)
+    """The runner's job, chunked and timed as parallel_map's (``_plan._chunking``,
+    ``engines/_base.job_params``)."""
+    from types import SimpleNamespace
+
+    chunk, cap = _chunking(kind, schedule, chunk_size, size, workers)
+    return new_job(SimpleNamespace(size=size, workers=workers, schedule=schedule,
+                                   chunk=chunk, max_chunk=cap, kind=kind))
 
 
 def _run_here(kind, func, inputs, shape, targets, engine_name, opts):

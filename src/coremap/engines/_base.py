@@ -43,6 +43,7 @@ from coremap._tasks import (
     probe_call,
     raise_errors,
 )
+from coremap.engines._messages import JobParams
 
 # ``call`` below is a ``_plan.Call``, read by attribute (this layer never imports the
 # planner, so it is typed ``Any``); a task is ``task(job, caller)`` (_tasks.py).
@@ -76,15 +77,21 @@ def first_chunk(call: Any) -> int:
     return min(call.chunk, FIRST_CHUNK_PYTHON if call.kind == "python" else FIRST_CHUNK)
 
 
-def new_job(call: Any) -> _runner.Job:
-    """The runner's job for a call: timed chunks except for the static schedule."""
+def job_params(call: Any) -> JobParams:
+    """The settings of a call's job: timed chunks except for the static schedule.
+
+    ``call`` needs ``size``, ``workers``, ``schedule``, ``chunk``, ``max_chunk`` and
+    ``kind``. The one place these are decided, for this process and for workers.
+    """
     timed = call.schedule != "static"
-    return _runner.Job(
-        call.size, call.workers, call.schedule, call.chunk, call.max_chunk,
-        target_ns=TARGET_CHUNK_NS if timed else 0,
-        first_chunk=first_chunk(call) if timed else 0,
-        escalate_ns=ESCALATE_NS, floor_ns=_floor_ns(call) if timed else 0,
-    )
+    return JobParams(call.size, call.workers, call.schedule, call.chunk, call.max_chunk,
+                     TARGET_CHUNK_NS if timed else 0, first_chunk(call) if timed else 0,
+                     _floor_ns(call) if timed else 0)
+
+
+def new_job(call: Any) -> _runner.Job:
+    """The runner's job for a call (``job_params``), run in this process."""
+    return job_params(call).job(escalate_ns=ESCALATE_NS)
 
 
 def _floor_ns(call: Any) -> int:

@@ -62,12 +62,10 @@ from coremap._errors import RemoteError, WorkerCrashedError, exit_text, note_rai
 from coremap._functions import digest
 from coremap._tasks import PROBE, probe_args, store_kept
 from coremap.engines._base import (
-    FLOOR_CHUNK_NS,
     NO_HOOKS,
-    TARGET_CHUNK_NS,
     Engine,
     Hooks,
-    first_chunk,
+    job_params,
     no_elements,
 )
 from coremap.engines._messages import (
@@ -78,7 +76,6 @@ from coremap.engines._messages import (
     CallSpec,
     CtrlDesc,
     ErrorInfo,
-    JobParams,
     ProbeSpec,
     ProtocolError,
     Reply,
@@ -767,10 +764,7 @@ def _call_spec(call, func_bytes: bytes, views, segs, skip: int) -> CallSpec:
     by ``ProcessEngine.run`` (the placeholders here are never sent)."""
     light = [inp if inp.is_scalar else _layout.Input(None, np.empty((), inp.dtype), False)
              for inp in call.inputs]
-    timed = call.schedule != "static"
-    job = JobParams(call.size, call.workers, call.schedule, call.chunk, call.max_chunk,
-                    TARGET_CHUNK_NS if timed else 0, first_chunk(call) if timed else 0,
-                    FLOOR_CHUNK_NS if timed else 0)
+    job = job_params(call)
     return CallSpec(
         task_id=-1, kind=call.kind, func=func_bytes, func_key="", func_name=call.func_name,
         shape=call.shape, order=call.order, inputs=light, in_dtypes=call.in_dtypes,
