@@ -120,3 +120,20 @@ def test_python_function_without_a_dtype_tuple_is_refused():
     # Python functions are only known to return tuples once run: dtype= must say so
     with pytest.raises(ValueError, match="returned shape"):
         cm.parallel_map(np.ones(2000), python_pair, backend="serial")
+
+
+def _halves(v):
+    return v * 0.5, v + 0.5
+
+
+@pytest.mark.parametrize("options", [
+    {"workers": 10**6}, {"timeout": "x"}, {"timeout": -1.0}, {"retries": 2},
+    {"workers": 0}, {"schedule": "statics"}, {"chunk_size": 0},
+])
+def test_several_outputs_refuse_what_parallel_map_refuses(options):
+    x = np.arange(10.0)
+    with pytest.raises((TypeError, ValueError)) as single:
+        cm.parallel_map(x, lambda v: v * 0.5, **options)
+    with pytest.raises(type(single.value)) as several:  # dtype= as a tuple: several outputs
+        cm.parallel_map(x, _halves, dtype=(np.float64, np.float64), **options)
+    assert str(several.value) == str(single.value)

@@ -24,7 +24,7 @@ import numpy as np
 
 from coremap import _config, _layout
 from coremap._errors import note_raised_by
-from coremap._plan import PROCESS_MIN_SIZE, _chunking
+from coremap._plan import PROCESS_MIN_SIZE, _check_options, _chunking
 from coremap._tasks import Errors, native_task, python_task
 from coremap.engines._base import new_job
 
@@ -335,13 +335,10 @@ def parallel_map_several(arrays: Any, func: Callable[..., Any], *, out: object =
     from coremap._layout import normalize_inputs
     from coremap._plan import plan_call
 
-    backend = _config.default_backend() if backend is None else _config.check_backend(backend)
-    workers = _config.check_positive_int(
-        _config.default_workers() if workers is None else workers, "workers")
-    if chunk_size is not None:
-        chunk_size = _config.check_positive_int(chunk_size, "chunk_size")
-    if schedule not in _config.SCHEDULES:
-        raise ValueError(f"schedule must be one of {_config.SCHEDULES}, got {schedule!r}")
+    checked = _check_options(func, dtype=None, vectorized=vectorized, backend=backend,
+                             workers=workers, chunk_size=chunk_size, schedule=schedule,
+                             timeout=timeout, retries=retries)  # parallel_map's own checks
+    backend, workers, chunk_size = checked.backend, checked.workers, checked.chunk_size
     inputs, shape = normalize_inputs(arrays)
     kind, natural, requested = _result_dtypes(func, inputs, vectorized, out, dtype)
     if natural is None and requested is None:
