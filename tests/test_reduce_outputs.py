@@ -137,3 +137,12 @@ def test_several_outputs_refuse_what_parallel_map_refuses(options):
     with pytest.raises(type(single.value)) as several:  # dtype= as a tuple: several outputs
         cm.parallel_map(x, _halves, dtype=(np.float64, np.float64), **options)
     assert str(several.value) == str(single.value)
+
+
+@pytest.mark.parametrize("backend", ["threads", "serial"])
+def test_several_outputs_show_progress(capsys, backend):
+    x = np.arange(100_000.0)
+    a, b = cm.parallel_map(x, _halves, progress=True, backend=backend)
+    np.testing.assert_array_equal(a, x * 0.5)
+    err = capsys.readouterr().err
+    assert "100%" in err and "100k" in err

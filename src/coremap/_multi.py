@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -241,8 +242,6 @@ def _name(func) -> str:
 def _job(size, kind, workers, schedule, chunk_size):
     """The runner's job, chunked and timed as parallel_map's (``_plan._chunking``,
     ``engines/_base.job_params``)."""
-    from types import SimpleNamespace
-
     chunk, cap = _chunking(kind, schedule, chunk_size, size, workers)
     return new_job(SimpleNamespace(size=size, workers=workers, schedule=schedule,
                                    chunk=chunk, max_chunk=cap, kind=kind))
@@ -250,6 +249,7 @@ def _job(size, kind, workers, schedule, chunk_size):
 
 def _run_here(kind, func, inputs, shape, targets, engine_name, opts):
     """One pass on the serial or thread engine, every output written by the same chunk."""
+    from coremap._execute import _progress_bar
     from coremap.engines import get_engine
 
     size = math.prod(shape)
@@ -267,7 +267,14 @@ def _run_here(kind, func, inputs, shape, targets, engine_name, opts):
         task = native_task()
     else:
         task = python_task(_chunk_function(kind, func, inputs, space, len(targets)), errors)
-    get_engine(engine_name).run(job, task, workers, on_progress=None, timeout=opts["timeout"])
+    on_progress, bar = _progress_bar(SimpleNamespace(size=size, func_name=_name(func)),
+                                     opts["progress"])
+    try:
+        get_engine(engine_name).run(job, task, workers, on_progress=on_progress,
+                                    timeout=opts["timeout"])
+    finally:
+        if bar is not None:
+            bar.close()
     if errors.first is not None:
         raise errors.first[0]
     failed = job.failed_chunk
@@ -358,7 +365,7 @@ def parallel_map_several(arrays: Any, func: Callable[..., Any], *, out: object =
     targets, results = _outputs(shape, dtypes, out)
     here, remote = _engine(kind, backend, workers, math.prod(shape))
     opts = {"workers": workers, "chunk_size": chunk_size, "schedule": schedule,
-            "timeout": timeout}
+            "timeout": timeout, "progress": progress}
     if here is not None:
         _run_here(kind, func, inputs, shape, targets, here, opts)
     else:
