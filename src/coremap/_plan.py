@@ -426,7 +426,7 @@ def _choose_engine(kind, opts: _Options, adapter, size, func_name, numba_error):
         if opts.timeout is not None:
             raise ValueError(
                 "timeout= needs an engine that can stop a stuck chunk: use "
-                "backend='processes' (or 'threads', which stops waiting)"
+                "backend='processes' or 'threads'"
             )
     return engine, workers, reasons, warning
 

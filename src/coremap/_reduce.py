@@ -40,6 +40,7 @@ import numpy as np
 from coremap import _config, _containers, _layout
 from coremap._errors import note_raised_by
 from coremap._kernels import _runner
+from coremap._plan import DYNAMIC_CHUNKS_PER_WORKER, PROCESS_MIN_SIZE
 from coremap.engines._base import ESCALATE_NS, FLOOR_CHUNK_NS, TARGET_CHUNK_NS
 
 if TYPE_CHECKING:
@@ -59,11 +60,11 @@ BLOCK = 4_096
 # float64), enough to amortise a process round trip (~1 ms, _plan.PROCESS_MIN_SIZE).
 SLAB_BLOCKS = 64
 
-# Chunk timing of the compiled path is parallel_map's: TARGET_CHUNK_NS, ESCALATE_NS
-# and FLOOR_CHUNK_NS come from engines/_base.py, which names the measurements.
-DYNAMIC_CHUNKS_PER_WORKER = 16
-# Below this many elements a GIL-holding function runs serially, as in _plan.py.
-PROCESS_MIN_SIZE = 1_000
+# Chunk timing of the compiled path: TARGET_CHUNK_NS, ESCALATE_NS and FLOOR_CHUNK_NS
+# come from engines/_base.py, which names the measurements. The block kernels keep
+# the 50 us tail floor (FLOOR_CHUNK_NS): the 10 us native floor of parallel_map was
+# measured on maps, not on reductions. Chunking constants and PROCESS_MIN_SIZE are
+# parallel_map's (_plan.py).
 
 # op name -> (ufunc, block-kernel op)
 _NAMED: dict[str, tuple[np.ufunc, str]] = {

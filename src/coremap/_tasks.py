@@ -219,12 +219,6 @@ def probe(func: Callable[..., Any], kind: str, func_name: str, scalars: list[boo
     return res
 
 
-def probe_dtype(func: Callable[..., Any], kind: str, func_name: str, scalars: list[bool],
-                args: list) -> np.dtype:
-    """Run ``func`` on the first few elements (``args``) to learn its result dtype."""
-    return probe(func, kind, func_name, scalars, args).dtype
-
-
 # -- a call's Python task, with the probe's results kept ------------------------------------
 
 # Elements run once to learn the result dtype of a function whose dtype can

@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-__all__ = ["local"]
+from coremap.engines import CLUSTER_INSTALL as INSTALL
 
-INSTALL = 'pip install "coremap[cluster]"'
+__all__ = ["local"]
 
 
 @contextlib.contextmanager

@@ -84,7 +84,6 @@ def _attach_lock(name: str) -> SharedLock:
     return SharedLock(_shm.Segment.attach(name))
 
 
-_inside = _shm.inside  # (the name this module used before it moved down)
 
 
 def _rebuild(name, offset, shape, strides, dtype):

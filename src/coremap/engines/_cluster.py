@@ -45,7 +45,6 @@ from coremap._errors import CoremapWarning, WorkerCrashedError
 from coremap._functions import digest
 from coremap.engines._base import NO_HOOKS, Engine, Hooks, no_elements
 
-INSTALL = 'pip install "coremap[cluster]"'
 CHUNKS_PER_ENGINE = 4
 
 @functools.lru_cache(maxsize=1)

@@ -95,7 +95,8 @@ class CallSpec(NamedTuple):
 
 
 class ProbeSpec(NamedTuple):
-    """Run the function on the first elements to learn its result dtype."""
+    """Run the function on the first elements: their results, which the parent keeps
+    (so those elements run once, ``CallSpec.skip``), tell the result dtype."""
 
     task_id: int
     func: bytes
