@@ -25,12 +25,12 @@ from numpy.typing import DTypeLike
 from coremap._functions import FunctionCache
 from coremap._insights import observed
 from coremap.engines import get_engine
-from coremap.engines._base import ESCALATE_NS, Engine, Hooks, new_job, no_elements
+from coremap.engines._base import Engine, Hooks, no_elements
 
 if TYPE_CHECKING:
     from coremap._plan import Call
 
-__all__ = ["execute", "run_cluster_chunk", "new_job", "ESCALATE_NS"]
+__all__ = ["execute", "run_cluster_chunk"]
 
 
 def execute(call: Call, progress: bool = False) -> np.ndarray:
