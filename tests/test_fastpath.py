@@ -129,3 +129,36 @@ def test_an_error_in_an_inline_call_names_its_element():
     with pytest.raises(ZeroDivisionError) as info:
         cm.parallel_map(x, f, workers=1)
     assert any("12344" in n for n in getattr(info.value, "__notes__", ["12344"]))
+
+
+class _Twice(cm.kernels.BuiltinKernel):
+    """A second built-in kernel: 2 * x, on the affine loop with its own operands."""
+
+    __slots__ = ()
+
+    def __call__(self, x):
+        return 2 * x
+
+    def result_dtype(self, in_dtypes):
+        return np.dtype(in_dtypes[0])
+
+    def operands(self, dtype):
+        return (np.asarray(2, dtype), np.asarray(0, dtype))
+
+    def address(self, dtype):
+        from coremap._kernels import _builtin
+
+        return _builtin.affine_address(np.dtype(dtype).char)
+
+    def scalar(self, dtype):
+        return lambda v: 2 * v
+
+
+def test_every_built_in_kernel_is_cached_through_its_own_interface():
+    x = np.arange(5000.0)
+    twice = _Twice()
+    for _ in range(3):  # planned, then cached
+        np.testing.assert_array_equal(cm.parallel_map(x, twice), 2 * x)
+        np.testing.assert_array_equal(cm.parallel_map(x, _Twice()), 2 * x)
+        np.testing.assert_array_equal(cm.parallel_map(x, cm.kernels.affine(3.0, 1.0)),
+                                      3 * x + 1)

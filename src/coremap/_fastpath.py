@@ -38,7 +38,7 @@ from coremap._plan import PLAIN_KEY
 from coremap._tasks import native_task
 from coremap.engines import get_engine
 from coremap.engines._base import ESCALATE_NS, TARGET_CHUNK_NS, new_job
-from coremap.kernels import Affine
+from coremap.kernels import BuiltinKernel
 
 if TYPE_CHECKING:
     from coremap._kernels._rebuild import Watch
@@ -89,8 +89,10 @@ def _key(func: object, items: tuple,
             return None, None
     if shape is None:
         return None, None
-    if type(func) is Affine:  # a new affine(a, b) per call must not miss the cache
-        func = (Affine, type(func.a), type(func.b))
+    if isinstance(func, BuiltinKernel):  # a new affine(a, b) per call must not miss
+        # the cache: a built-in kernel is keyed by its class and its parameters' types
+        slots: tuple[str, ...] = type(func).__slots__
+        func = (type(func), *[type(getattr(func, name)) for name in slots])
     return (func, shape, *parts, _config.defaults_key(), options_key), shape
 
 
@@ -147,16 +149,16 @@ def remember(key: Any, plan: Call, items: Sequence[object]) -> None:
         e.watch = _numba.watch_of(plan.func, len(plan.in_dtypes))
         classes = "".join("c" if d is None else "s" for d in e.scalar_dtypes) + "c"
         e.address = _numba.kernel_address(plan.func, plan.in_dtypes, plan.out_dtype, classes)
-    elif plan.kind == "builtin":
-        from coremap._kernels import _builtin
-
+    scalars = [d is not None for d in e.scalar_dtypes]
+    if isinstance(plan.func, BuiltinKernel):
         if plan.in_dtypes[0] != plan.out_dtype:
             return  # the input is cast first: the full path does that
-        e.address = _builtin.affine_address(plan.out_dtype.char)
-        e.scalar_dtypes = [None, plan.out_dtype, plan.out_dtype]
+        e.address = plan.func.address(plan.out_dtype)
+        e.scalar_dtypes = [None] * len(items)  # its parameters come from func.operands
+        scalars = [False] * len(items) + [True] * len(plan.func.operands(plan.out_dtype))
     meta = [plan.size]
-    for d in (*e.scalar_dtypes, None):
-        meta += [0, 0, 0 if d is not None else 1]
+    for scalar in (*scalars, False):  # the output last
+        meta += [0, 0, 0 if scalar else 1]
     e.meta = meta
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
@@ -187,11 +189,11 @@ def run(entry: _Entry, func: Any, items: tuple, out: object = None) -> Any:
         return None
     if entry.watch is not None and not entry.watch.current():
         return None  # a global it read has changed: the full path compiles it again
-    if entry.kind == "builtin":
-        items = (items[0], func.a, func.b)
     arrays = tuple(
         item if d is None else np.asarray(item, d) for item, d in zip(items, entry.scalar_dtypes)
     )
+    if entry.kind == "builtin":
+        arrays += func.operands(entry.dtype)
     if out is None:
         out = np.empty(entry.shape, entry.dtype)
     elif not _usable_out(out, entry, arrays):
