@@ -832,3 +832,15 @@ def test_several_outputs_chunk_and_time_as_parallel_map(schedule, vectorized):
     several = _multi._job(call.size, call.kind, 2, schedule, None)
     for name in ("chunk", "max_chunk", "target_ns", "floor_ns", "escalate_ns"):
         assert getattr(several, name) == getattr(single, name), name
+
+
+def test_a_worker_probes_and_runs_one_function_object():
+    # the probe (first elements, to learn the dtype) and the later calls run on the
+    # same unpickled function in the worker, as they would in this process
+    f = _counter(100)  # (pickled unlike the other tests' counters)
+    x = np.zeros(1)
+
+    def run():
+        return cm.parallel_map(x, f, backend="processes", workers=1)[0]  # dtype probed
+
+    assert [run(), run(), run()] == [101.0, 102.0, 103.0]

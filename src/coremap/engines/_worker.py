@@ -178,15 +178,14 @@ def _initialize(conn: Connection, spec: InitSpec) -> bool:
     return True
 
 
-def probe(spec: ProbeSpec) -> Reply:
+def probe(spec: ProbeSpec, funcs: FunctionCache) -> Reply:
     """Run the function on the first elements, here rather than in the parent; the reply
     carries the results (a few hundred at most), which the parent keeps, so these
-    elements are not computed again."""
-    import cloudpickle
-
+    elements are not computed again. The function comes from ``funcs``, so the call's
+    chunks later run on the same object."""
     from coremap import _tasks
 
-    func = cloudpickle.loads(spec.func)
+    func = funcs.load(spec.func)
     try:
         values = _tasks.probe(func, spec.kind, spec.func_name, spec.scalars, spec.args)
     except BaseException as exc:
@@ -280,7 +279,7 @@ def main(conn: Connection, parent_pid: int) -> None:
             if isinstance(msg, CallSpec):
                 reply = run_call(msg, funcs, segments)
             elif isinstance(msg, ProbeSpec):
-                reply = probe(msg)
+                reply = probe(msg, funcs)
             elif isinstance(msg, TaskSpec):
                 reply = run_task(msg, funcs)
             elif isinstance(msg, InitSpec):
