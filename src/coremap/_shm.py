@@ -348,7 +348,9 @@ def cleanup_stale() -> list[str]:
     creator pid is in the name, and means something here), and of those only
     the ones whose creator is dead and whose lock nobody holds. Live owners'
     segments are never touched, whoever and wherever they are; segments that
-    cannot be removed (another user's) are skipped.
+    cannot be removed (another user's) are skipped. Segments named by coremap
+    versions before the boot and namespace tag (``coremap_<pid>_<hex>``) carry no
+    such proof and are not judged: remove any left from them by hand.
 
     Examples
     --------
