@@ -19,6 +19,12 @@ from collections import OrderedDict
 __all__ = ["digest", "FunctionCache", "CACHE_BYTES"]
 
 
+def func_name(func: object) -> str:
+    """The name messages use for a function: its qualified name, else its repr."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    return name if isinstance(name, str) else repr(func)
+
+
 def digest(func_bytes: bytes) -> str:
     """The name of a pickled function: 128 bits of BLAKE2b over its bytes."""
     return hashlib.blake2b(func_bytes, digest_size=16).hexdigest()

@@ -25,6 +25,7 @@ import numpy as np
 
 from coremap import _config, _layout
 from coremap._errors import note_raised_by
+from coremap._functions import func_name as _name
 from coremap._plan import PROCESS_MIN_SIZE, _check_options, _chunking
 from coremap._tasks import Errors, native_task, python_task
 from coremap.engines._base import new_job
@@ -232,11 +233,6 @@ def _chunk_function(kind, func, inputs, space, nout):
                 np.copyto(t, np.asarray(part).reshape(t.shape), casting="same_kind")
 
     return run
-
-
-def _name(func) -> str:
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
-    return name if isinstance(name, str) else repr(func)
 
 
 def _job(size, kind, workers, schedule, chunk_size):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from coremap import _config
+from coremap._functions import func_name as _func_name
 from coremap._layout import Input, memory_order, normalize_inputs
 from coremap.kernels import BuiltinKernel
 
@@ -237,11 +238,6 @@ class Call:
         return cls(p, p.engine, p.kind, p.func_name, p.shape, p.size, p.in_dtypes,
                    p.out_dtype, p.order, p.workers, p.schedule, p.chunk, p.max_chunk,
                    p.warning, func, inputs, out, timeout, retries, adapter)
-
-
-def _func_name(func: object) -> str:
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
-    return name if isinstance(name, str) else repr(func)
 
 
 def _check_out(out: object, shape: tuple[int, ...]) -> np.ndarray:

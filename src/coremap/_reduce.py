@@ -39,6 +39,7 @@ import numpy as np
 
 from coremap import _config, _containers, _layout
 from coremap._errors import note_raised_by
+from coremap._functions import func_name as _name
 from coremap._kernels import _runner
 from coremap._plan import DYNAMIC_CHUNKS_PER_WORKER, PROCESS_MIN_SIZE
 from coremap.engines._base import ESCALATE_NS, FLOOR_CHUNK_NS, TARGET_CHUNK_NS
@@ -418,11 +419,6 @@ def _raise_element_failure(call, kfunc, views, red, failed, B, nb):
     note_raised_by(exc, _name(call.func),
                    f"at element index {call.element_index(*divmod(i, call.N), red)}")
     raise exc
-
-
-def _name(func) -> str:
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
-    return name if isinstance(name, str) else repr(func)
 
 
 def _slabs(M: int, N: int, B: int):

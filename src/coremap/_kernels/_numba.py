@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from coremap._functions import func_name as _name
 from coremap._kernels import _diagnose, _diskcache, _guard, _rebuild
 
 _lock = threading.RLock()
@@ -178,11 +179,6 @@ def _target(func, nin: int):
         wrapper.__name__ = wrapper.__qualname__ = getattr(func, "__name__", "builtin")
         _wrappers[key] = wrapper
     return wrapper
-
-
-def _name(func) -> str:
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
-    return name if isinstance(name, str) else repr(func)
 
 
 # -- compiling -------------------------------------------------------------------------
