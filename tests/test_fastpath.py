@@ -112,11 +112,37 @@ def test_a_short_call_on_one_worker_runs_inline_without_a_job(monkeypatch):
     for _ in range(2):  # planned, then timed once through a job
         cm.parallel_map(x, w2, workers=1)
 
-    def no_job(*args, **kwargs):
-        raise AssertionError("a job was made for a call known to be short")
+    class NoJob:
+        def run(self, *args, **kwargs):
+            raise AssertionError("a job was run for a call known to be short")
 
-    monkeypatch.setattr(_fastpath, "new_job", no_job)
+    for entry in _fastpath._cache.values():
+        monkeypatch.setattr(entry, "prepared", NoJob())
     np.testing.assert_array_equal(cm.parallel_map(x, w2, workers=1), _reference(x))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_a_repeated_call_makes_no_job_in_python(monkeypatch, workers):
+    """Past its first calls, a cached call's job is built and run in one compiled
+    call (_runner.Prepared): no Job(...), set_kernel or engine run in Python."""
+    from coremap import _fastpath
+    from coremap.engines import _base, _serial, _threads
+
+    x = np.random.default_rng(5).random(400_000)  # long enough for a job, not inline
+    out = np.empty_like(x)
+    for _ in range(2):
+        cm.parallel_map(x, w2, out=out, workers=workers)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fast path went through Python's job machinery")
+
+    monkeypatch.setattr(_base, "new_job", refuse)
+    monkeypatch.setattr(_fastpath, "new_job", refuse)
+    monkeypatch.setattr(_threads.ThreadEngine, "run", refuse)
+    monkeypatch.setattr(_serial.SerialEngine, "run", refuse)
+    for k in range(3):
+        assert cm.parallel_map(x + k, w2, out=out, workers=workers) is out
+        np.testing.assert_array_equal(out, _reference(x + k))
 
 
 def test_an_error_in_an_inline_call_names_its_element():

@@ -34,6 +34,15 @@ def affine_job(x, out, workers, schedule="dynamic", chunk=10_000, **kw):
     return job
 
 
+def prepared_affine(n, workers, schedule="guided", chunk=1):
+    """A Prepared computing ``out = 2 x + 1`` (built-in kernel), and its parameters."""
+    a, b = np.array([2.0]), np.array([1.0])
+    template = _runner.Job(n, workers, schedule, chunk, 1 << 20, target_ns=20_000_000,
+                           first_chunk=1024, escalate_ns=100_000, floor_ns=10_000)
+    meta = [n, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    return _runner.Prepared(template, _builtin.affine_address("d"), meta, 4), a, b
+
+
 def run_script(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=timeout)
@@ -78,6 +87,56 @@ def test_cancel_stops_helpers_before_run_native_returns():
     snapshot = out.copy()
     threading.Event().wait(0.2)
     assert same_bits(out, snapshot)
+
+
+@pytest.mark.parametrize("schedule", ["guided", "dynamic", "static"])
+def test_a_prepared_job_runs_afresh_on_every_call(schedule):
+    """Each run is its own job (own counters), over the arrays it is given."""
+    n = 3_000_000
+    prepared, a, b = prepared_affine(n, workers=3, schedule=schedule, chunk=5000)
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        x = rng.random(n)
+        out = np.full_like(x, np.nan)
+        job = prepared.run((x, a, b, out), False, 2)
+        assert job.done == n and not job.cancelled and job.failed_chunk is None
+        np.testing.assert_array_equal(out, 2.0 * x + 1.0)
+
+
+def test_a_prepared_job_is_shared_by_concurrent_callers():
+    n = 500_000
+    prepared, a, b = prepared_affine(n, workers=2)
+
+    def one(seed):
+        x = np.random.default_rng(seed).random(n)
+        out = np.empty_like(x)
+        for _ in range(5):
+            job = prepared.run((x, a, b, out), False, 1)
+            if job.done != n or not np.array_equal(out, 2.0 * x + 1.0):
+                return False
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        assert all(ex.map(one, range(16)))
+
+
+def test_a_prepared_job_refuses_what_it_cannot_run():
+    n = 1000
+    prepared, a, b = prepared_affine(n, workers=2)
+    x, out = np.arange(float(n)), np.zeros(n)
+    with pytest.raises(ValueError):
+        prepared.run((x, a, out), False, 1)  # an operand missing
+    with pytest.raises(TypeError):
+        prepared.run((x.tolist(), a, b, out), False, 1)
+    raw = np.zeros(8 * n + 1, np.uint8)
+    unaligned = raw[1:].view(np.float64)
+    assert prepared.run((x, a, b, unaligned), False, 1) is None
+    assert not out.any() and not raw.any()  # nothing was run
+    used = _runner.Job(n, 2)
+    used.set_kernel(_builtin.affine_address("d"), _runner.data_pointers((x, a, b, out)),
+                    [n, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1], (x, a, b, out))
+    with pytest.raises(ValueError):
+        _runner.Prepared(used, _builtin.affine_address("d"), [n], 4)
 
 
 @pytest.mark.parametrize("schedule", ["guided", "dynamic", "static"])

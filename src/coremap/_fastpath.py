@@ -6,7 +6,18 @@ more than the whole of a small call (W5 in docs/benchmarks.rst: 10^3 elements, b
 dtypes and shapes, and defaults. The first call of a signature goes through the
 planner; if its layout is the simple one (every array C-contiguous with the
 full shape, scalars broadcast), the decisions are cached, and later calls only
-build a key, allocate the output and run the kernel.
+build a key, allocate the output and run the kernel::
+
+    parallel_map ── lookup(key) ── hit ──> run(entry)
+                        │                    ├─ short (learnt): run_inline, no job
+                        miss                 └─ else: entry.prepared.run(arrays + out)
+                        v                         (_runner.Prepared: the job, the caller's
+                    full path ──> remember        share and the pool's helpers, in C)
+
+The job of a cached call is prepared once (``_runner.Prepared``), so no Python
+builds a Job or goes through an engine on a repeated call: after a call has
+streamed through megabytes those Python steps miss the caches, and cost W1 into
+``out=`` at 10^6 elements (~120 us) 15-20 us (2-core VM).
 
 Options are part of the key (``_plan.fast_key``): a call with ``workers=``,
 ``backend=``, ``schedule=``, ``chunk_size=`` or ``dtype=`` off their defaults is
@@ -26,6 +37,7 @@ compiles it again (``_kernels/_rebuild.py``). Functions that read no globals
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from threading import current_thread, main_thread
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +47,6 @@ from coremap import _config, _insights
 from coremap._kernels import _runner
 from coremap._kernels._numba import kernel_scope
 from coremap._plan import PLAIN_KEY
-from coremap._tasks import native_task
-from coremap.engines import get_engine
 from coremap.engines._base import ESCALATE_NS, TARGET_CHUNK_NS, new_job
 from coremap.kernels import BuiltinKernel
 
@@ -55,15 +65,19 @@ _cache: dict[Hashable, _Entry] = {}
 class _Entry:
     """A cached signature's decisions (see the module docstring)."""
 
-    __slots__ = ("kind", "engine", "workers", "address", "meta", "dtype", "scalar_dtypes",
-                 "plan", "size", "shape", "ns_per_element", "watch")
+    __slots__ = ("kind", "engine", "workers", "helpers", "address", "meta", "prepared",
+                 "dtype", "scalar_dtypes", "converts", "plan", "size", "shape",
+                 "ns_per_element", "watch")
     kind: str
     engine: str
     workers: int
     address: int  # the native kernel's (numba, builtin); 0 for a ufunc (never read)
     meta: list[int]
+    helpers: int  # native pool workers posted besides the caller (0 on "serial")
+    prepared: _runner.Prepared | None  # the job's settings and kernel (None: a ufunc)
     dtype: np.dtype | None
     scalar_dtypes: list[np.dtype | None]  # per item: None for an array
+    converts: bool  # an item is a scalar, made an array of its dtype on each call
     plan: Call
     size: int
     shape: tuple[int, ...]
@@ -160,6 +174,11 @@ def remember(key: Any, plan: Call, items: Sequence[object]) -> None:
     for scalar in (*scalars, False):  # the output last
         meta += [0, 0, 0 if scalar else 1]
     e.meta = meta
+    e.converts = any(d is not None for d in e.scalar_dtypes)
+    e.helpers = plan.workers - 1 if plan.engine == "threads" else 0
+    e.prepared = None
+    if plan.kind != "ufunc":
+        e.prepared = _runner.Prepared(new_job(plan), e.address, meta, len(scalars) + 1)
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
     _cache[key] = e
@@ -189,39 +208,43 @@ def run(entry: _Entry, func: Any, items: tuple, out: object = None) -> Any:
         return None
     if entry.watch is not None and not entry.watch.current():
         return None  # a global it read has changed: the full path compiles it again
-    arrays = tuple(
-        item if d is None else np.asarray(item, d) for item, d in zip(items, entry.scalar_dtypes)
-    )
+    if entry.converts:
+        arrays = tuple(item if d is None else np.asarray(item, d)
+                       for item, d in zip(items, entry.scalar_dtypes))
+    else:
+        arrays = items
     if entry.kind == "builtin":
         arrays += func.operands(entry.dtype)
     if out is None:
         out = np.empty(entry.shape, entry.dtype)
     elif not _usable_out(out, entry, arrays):
         return None
-    ptrs = _runner.data_pointers((*arrays, out))
-    if ptrs is None:
-        return None
     per = entry.ns_per_element
-    if per is not None:
-        estimate = entry.size * per
+    estimate = TARGET_CHUNK_NS if per is None else entry.size * per
+    if estimate < _INLINE_NS or (entry.workers == 1 and estimate < TARGET_CHUNK_NS):
+        ptrs = _runner.data_pointers((*arrays, out))
+        if ptrs is None:
+            return None
         if estimate < _INLINE_NS:  # too small to wake anybody: one kernel call, no job
             with kernel_scope():
                 ok = _runner.run_inline(entry.address, ptrs, entry.meta, 0, entry.size)
             return out if ok else None
-        if entry.workers == 1 and estimate < TARGET_CHUNK_NS:
-            # One worker has nobody to wake, and a call shorter than a timed chunk
-            # handles Ctrl-C in time when it returns: one kernel call, timed to keep
-            # the estimate current (a job's timed pieces cost such a call 8-12 us;
-            # W2 at 10^4 elements ran at 0.91x a plain Numba loop through them).
-            t0 = perf_counter_ns()
-            with kernel_scope():
-                ok = _runner.run_inline(entry.address, ptrs, entry.meta, 0, entry.size)
-            entry.ns_per_element = (perf_counter_ns() - t0) / entry.size
-            return out if ok else None
-    job = new_job(entry.plan)
-    job.set_kernel(entry.address, ptrs, entry.meta, arrays)
-    get_engine(entry.engine).run(job, native_task(), entry.workers)
-    if job.done != entry.size:
+        # One worker has nobody to wake, and a call shorter than a timed chunk
+        # handles Ctrl-C in time when it returns: one kernel call, timed to keep
+        # the estimate current (a job's timed pieces cost such a call 8-12 us;
+        # W2 at 10^4 elements ran at 0.91x a plain Numba loop through them).
+        t0 = perf_counter_ns()
+        with kernel_scope():
+            ok = _runner.run_inline(entry.address, ptrs, entry.meta, 0, entry.size)
+        entry.ns_per_element = (perf_counter_ns() - t0) / entry.size
+        return out if ok else None
+    # The engine's run, in one compiled call (_runner.Prepared): on "threads" the
+    # caller computes and posts entry.helpers native pool workers; on "serial", none.
+    assert entry.prepared is not None  # a native kind
+    with kernel_scope():
+        job = entry.prepared.run((*arrays, out), current_thread() is main_thread(),
+                                 entry.helpers)
+    if job is None or job.done != entry.size:
         return None  # a failure: the full path runs the call again and reports it
     entry.ns_per_element = job.ns_per_element
     return out
