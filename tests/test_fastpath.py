@@ -113,12 +113,50 @@ def test_a_short_call_on_one_worker_runs_inline_without_a_job(monkeypatch):
         cm.parallel_map(x, w2, workers=1)
 
     class NoJob:
+        def __init__(self, prepared):
+            self.run_inline = prepared.run_inline
+
         def run(self, *args, **kwargs):
             raise AssertionError("a job was run for a call known to be short")
 
     for entry in _fastpath._cache.values():
-        monkeypatch.setattr(entry, "prepared", NoJob())
+        monkeypatch.setattr(entry, "prepared", NoJob(entry.prepared))
     np.testing.assert_array_equal(cm.parallel_map(x, w2, workers=1), _reference(x))
+
+
+@pytest.mark.parametrize("estimate_us, threshold_us, inline", [
+    (5, 10, True), (15, 10, False), (15, 40, True), (150, 400, False)])
+def test_a_call_runs_inline_below_the_pools_escalation_threshold(
+        monkeypatch, estimate_us, threshold_us, inline):
+    """One kernel call when a job would not post its helpers anyway (the work is under
+    the pool's escalation threshold, at most ESCALATE_NS); else a job with helpers."""
+    from coremap import _fastpath
+    from coremap._kernels import _runner
+
+    x = np.random.default_rng(6).random(10_000)
+    for _ in range(2):
+        cm.parallel_map(x, w2, workers=2)
+    (entry,) = [e for e in _fastpath._cache.values() if e.size == x.size and e.workers == 2]
+    ran = []
+
+    class Spy:
+        def __init__(self, prepared):
+            self.prepared = prepared
+
+        def run_inline(self, *args):
+            ran.append("inline")
+            return self.prepared.run_inline(*args)
+
+        def run(self, *args, **kwargs):
+            ran.append("job")
+            return self.prepared.run(*args, **kwargs)
+
+    monkeypatch.setattr(entry, "prepared", Spy(entry.prepared))
+    monkeypatch.setattr(_runner, "escalate_threshold_ns", lambda: threshold_us * 1000)
+    for _ in range(3):
+        entry.ns_per_element = estimate_us * 1000 / x.size
+        np.testing.assert_array_equal(cm.parallel_map(x, w2, workers=2), _reference(x))
+    assert ran == ["inline" if inline else "job"] * 3
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])

@@ -40,7 +40,9 @@ def prepared_affine(n, workers, schedule="guided", chunk=1):
     template = _runner.Job(n, workers, schedule, chunk, 1 << 20, target_ns=20_000_000,
                            first_chunk=1024, escalate_ns=100_000, floor_ns=10_000)
     meta = [n, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1]
-    return _runner.Prepared(template, _builtin.affine_address("d"), meta, 4), a, b
+    prepared = _runner.Prepared(template, _builtin.affine_address("d"), meta, 4,
+                                np.dtype(np.float64), (n,))
+    return prepared, a, b
 
 
 def run_script(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -98,7 +100,7 @@ def test_a_prepared_job_runs_afresh_on_every_call(schedule):
     for _ in range(4):
         x = rng.random(n)
         out = np.full_like(x, np.nan)
-        job = prepared.run((x, a, b, out), False, 2)
+        job = prepared.run((x, a, b), out, False, 2)
         assert job.done == n and not job.cancelled and job.failed_chunk is None
         np.testing.assert_array_equal(out, 2.0 * x + 1.0)
 
@@ -111,7 +113,7 @@ def test_a_prepared_job_is_shared_by_concurrent_callers():
         x = np.random.default_rng(seed).random(n)
         out = np.empty_like(x)
         for _ in range(5):
-            job = prepared.run((x, a, b, out), False, 1)
+            job = prepared.run((x, a, b), out, False, 1)
             if job.done != n or not np.array_equal(out, 2.0 * x + 1.0):
                 return False
         return True
@@ -121,22 +123,47 @@ def test_a_prepared_job_is_shared_by_concurrent_callers():
 
 
 def test_a_prepared_job_refuses_what_it_cannot_run():
+    """Refused (None) with nothing written: each case np.may_share_memory or the
+    flags would send to the full path; wrong arguments raise."""
     n = 1000
     prepared, a, b = prepared_affine(n, workers=2)
-    x, out = np.arange(float(n)), np.zeros(n)
-    with pytest.raises(ValueError):
-        prepared.run((x, a, out), False, 1)  # an operand missing
-    with pytest.raises(TypeError):
-        prepared.run((x.tolist(), a, b, out), False, 1)
+    x = np.arange(float(n))
     raw = np.zeros(8 * n + 1, np.uint8)
-    unaligned = raw[1:].view(np.float64)
-    assert prepared.run((x, a, b, unaligned), False, 1) is None
-    assert not out.any() and not raw.any()  # nothing was run
+    wide = np.zeros(2 * n)
+    read_only = np.zeros(n)
+    read_only.flags.writeable = False
+    shifted = np.zeros(n + 1)  # "overlaps x": out starts one element after x
+    refused = {
+        "unaligned": raw[1:].view(np.float64),
+        "strided": wide[::2],
+        "read-only": read_only,
+        "float32": np.zeros(n, np.float32),
+        "shape": np.zeros(n + 1),
+        "2-d": np.zeros((1, n)),
+        "a subclass": np.zeros(n).view(np.ma.MaskedArray),
+        "overlaps x": shifted[1:],
+    }
+    for name, out in refused.items():
+        xs = shifted[:-1] if name == "overlaps x" else x
+        before = [np.array(o, copy=True) for o in (out, xs)]
+        assert prepared.run((xs, a, b), out, False, 1) is None, name
+        assert prepared.run_inline((xs, a, b), out) is None, name
+        assert all(np.array_equal(v, w) for v, w in zip(before, (out, xs))), name
+    # out is the input itself: element i is read, then written
+    y = np.arange(float(n))
+    assert prepared.run_inline((y, a, b), y) == 1
+    np.testing.assert_array_equal(y, 2.0 * np.arange(float(n)) + 1.0)
+    with pytest.raises(ValueError):
+        prepared.run((x, a), np.zeros(n), False, 1)  # an operand missing
+    with pytest.raises(TypeError):
+        prepared.run((x.tolist(), a, b), np.zeros(n), False, 1)
+    out = np.zeros(n)
     used = _runner.Job(n, 2)
     used.set_kernel(_builtin.affine_address("d"), _runner.data_pointers((x, a, b, out)),
                     [n, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1], (x, a, b, out))
     with pytest.raises(ValueError):
-        _runner.Prepared(used, _builtin.affine_address("d"), [n], 4)
+        _runner.Prepared(used, _builtin.affine_address("d"), [n], 4, np.dtype(np.float64),
+                         (n,))
 
 
 @pytest.mark.parametrize("schedule", ["guided", "dynamic", "static"])

@@ -910,3 +910,13 @@ def test_the_process_engine_takes_the_same_prepared_call(engine, monkeypatch):
         assert taken == [(3000,)]  # only the output is a pooled segment
     finally:
         x.unlink()
+
+
+def test_the_workers_slots_lie_after_the_jobs_shared_state():
+    """The control block holds the job's shared state, then one (lo, hi) slot per
+    worker: the slots must not overlap the state, whatever its size."""
+    from coremap._kernels import _runner
+    from coremap.engines import _processes
+
+    assert _processes.CTRL_SLOTS >= _processes.CTRL_STATE + _runner.STATE_BYTES
+    assert _processes.CTRL_SLOTS % 64 == 0

@@ -55,9 +55,6 @@ if TYPE_CHECKING:
     from coremap._plan import Call
 
 _SCALARS = (float, int, complex, bool)
-# A call whose previous run measured less than this runs in one inline kernel
-# call (a job and its timing cost a few microseconds, see W5 in docs/benchmarks.rst).
-_INLINE_NS = ESCALATE_NS // 4
 _CACHE_MAX = 256
 _cache: dict[Hashable, _Entry] = {}
 
@@ -65,14 +62,12 @@ _cache: dict[Hashable, _Entry] = {}
 class _Entry:
     """A cached signature's decisions (see the module docstring)."""
 
-    __slots__ = ("kind", "engine", "workers", "helpers", "address", "meta", "prepared",
+    __slots__ = ("kind", "engine", "workers", "helpers", "prepared",
                  "dtype", "scalar_dtypes", "converts", "plan", "size", "shape",
                  "ns_per_element", "watch")
     kind: str
     engine: str
     workers: int
-    address: int  # the native kernel's (numba, builtin); 0 for a ufunc (never read)
-    meta: list[int]
     helpers: int  # native pool workers posted besides the caller (0 on "serial")
     prepared: _runner.Prepared | None  # the job's settings and kernel (None: a ufunc)
     dtype: np.dtype | None
@@ -153,7 +148,7 @@ def remember(key: Any, plan: Call, items: Sequence[object]) -> None:
     e.shape = plan.shape
     e.scalar_dtypes = [None if type(i) is np.ndarray else inp.dtype
                        for i, inp in zip(items, plan.inputs)]
-    e.address = 0
+    address = 0
     e.watch = None
     if plan.kind == "numba":
         from coremap._kernels import _numba
@@ -162,42 +157,28 @@ def remember(key: Any, plan: Call, items: Sequence[object]) -> None:
             return
         e.watch = _numba.watch_of(plan.func, len(plan.in_dtypes))
         classes = "".join("c" if d is None else "s" for d in e.scalar_dtypes) + "c"
-        e.address = _numba.kernel_address(plan.func, plan.in_dtypes, plan.out_dtype, classes)
+        address = _numba.kernel_address(plan.func, plan.in_dtypes, plan.out_dtype, classes)
     scalars = [d is not None for d in e.scalar_dtypes]
     if isinstance(plan.func, BuiltinKernel):
         if plan.in_dtypes[0] != plan.out_dtype:
             return  # the input is cast first: the full path does that
-        e.address = plan.func.address(plan.out_dtype)
+        address = plan.func.address(plan.out_dtype)
         e.scalar_dtypes = [None] * len(items)  # its parameters come from func.operands
         scalars = [False] * len(items) + [True] * len(plan.func.operands(plan.out_dtype))
     meta = [plan.size]
     for scalar in (*scalars, False):  # the output last
         meta += [0, 0, 0 if scalar else 1]
-    e.meta = meta
     e.converts = any(d is not None for d in e.scalar_dtypes)
     e.helpers = plan.workers - 1 if plan.engine == "threads" else 0
     e.prepared = None
     if plan.kind != "ufunc":
-        e.prepared = _runner.Prepared(new_job(plan), e.address, meta, len(scalars) + 1)
+        if plan.out_dtype is None:
+            return  # (never: a native kernel's dtype is known before it is compiled)
+        e.prepared = _runner.Prepared(new_job(plan), address, meta, len(scalars) + 1,
+                                      plan.out_dtype, plan.shape)
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
     _cache[key] = e
-
-
-def _usable_out(out: object, entry: _Entry, arrays: tuple) -> bool:
-    """Can the kernel write straight into ``out``? (else the full path handles it)"""
-    if not (type(out) is np.ndarray and out.shape == entry.shape and out.dtype == entry.dtype):
-        return False
-    flags = out.flags
-    if not (flags.c_contiguous and flags.aligned and flags.writeable):
-        return False
-    for a in arrays:
-        # an input that is out itself is fine (element i is read, then written);
-        # any other overlap is the full path's to sort out
-        if type(a) is np.ndarray and np.may_share_memory(a, out) and not (
-                a.ctypes.data == out.ctypes.data and a.dtype.itemsize == out.dtype.itemsize):
-            return False
-    return True
 
 
 def run(entry: _Entry, func: Any, items: tuple, out: object = None) -> Any:
@@ -217,33 +198,36 @@ def run(entry: _Entry, func: Any, items: tuple, out: object = None) -> Any:
         arrays += func.operands(entry.dtype)
     if out is None:
         out = np.empty(entry.shape, entry.dtype)
-    elif not _usable_out(out, entry, arrays):
-        return None
+    # entry.prepared checks out= (shape, dtype, layout, overlap) and the alignment;
+    # None: refused, with nothing run (the full path handles or reports it)
+    prepared = entry.prepared
+    assert prepared is not None  # a native kind
     per = entry.ns_per_element
     estimate = TARGET_CHUNK_NS if per is None else entry.size * per
-    if estimate < _INLINE_NS or (entry.workers == 1 and estimate < TARGET_CHUNK_NS):
-        ptrs = _runner.data_pointers((*arrays, out))
-        if ptrs is None:
-            return None
-        if estimate < _INLINE_NS:  # too small to wake anybody: one kernel call, no job
-            with kernel_scope():
-                ok = _runner.run_inline(entry.address, ptrs, entry.meta, 0, entry.size)
-            return out if ok else None
+    if estimate < min(ESCALATE_NS, _runner.escalate_threshold_ns()):
+        # A job would not post its helpers for so little work (_runner.pyx): one
+        # kernel call, without the job. W1 at 10^5 elements, 24 us on one thread,
+        # ran here at a fixed 25 us bound in 20 us; as a job, with the pool's
+        # helper awake, in 13-16 us (prange: 12-15 us; 2-core VM).
+        with kernel_scope():
+            ok = prepared.run_inline(arrays, out)
+        return out if ok else None
+    if entry.workers == 1 and estimate < TARGET_CHUNK_NS:
         # One worker has nobody to wake, and a call shorter than a timed chunk
         # handles Ctrl-C in time when it returns: one kernel call, timed to keep
         # the estimate current (a job's timed pieces cost such a call 8-12 us;
         # W2 at 10^4 elements ran at 0.91x a plain Numba loop through them).
         t0 = perf_counter_ns()
         with kernel_scope():
-            ok = _runner.run_inline(entry.address, ptrs, entry.meta, 0, entry.size)
+            ok = prepared.run_inline(arrays, out)
         entry.ns_per_element = (perf_counter_ns() - t0) / entry.size
         return out if ok else None
-    # The engine's run, in one compiled call (_runner.Prepared): on "threads" the
-    # caller computes and posts entry.helpers native pool workers; on "serial", none.
-    assert entry.prepared is not None  # a native kind
+    # The engine's run, in one compiled call: on "threads" the caller computes and
+    # posts entry.helpers native pool workers; on "serial", none. A call known to
+    # be short gives each thread a home block (_runner.Job._home_blocks).
     with kernel_scope():
-        job = entry.prepared.run((*arrays, out), current_thread() is main_thread(),
-                                 entry.helpers)
+        job = prepared.run(arrays, out, current_thread() is main_thread(), entry.helpers,
+                           home_blocks=estimate < TARGET_CHUNK_NS)
     if job is None or job.done != entry.size:
         return None  # a failure: the full path runs the call again and reports it
     entry.ns_per_element = job.ns_per_element

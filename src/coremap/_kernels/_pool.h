@@ -86,6 +86,7 @@ static inline int64_t cm_spin_ns(void) {
 }
 static int cm_pool_ready = 0;
 static __thread int cm_pool_thread = 0; /* 1 in a pool worker */
+static __thread int64_t cm_pool_index = -1; /* a pool worker's index; -1 elsewhere */
 
 static inline int64_t cm_now_ns(void) {
     struct timespec ts;
@@ -183,8 +184,8 @@ static cm_job *cm_pool_take(void) {
 }
 
 static void *cm_pool_worker(void *arg) {
-    (void)arg;
     cm_pool_thread = 1;
+    cm_pool_index = (int64_t)(intptr_t)arg;
     for (;;) {
         int64_t seen = cm_load(&cm_pool.gen);
         cm_job *job;
@@ -248,7 +249,8 @@ static int64_t cm_pool_ensure(int64_t n) {
         int rc;
         pthread_attr_init(&attr);
         pthread_attr_setstacksize(&attr, 1 << 20); /* kernels use little stack */
-        rc = pthread_create(&cm_pool.threads[cm_pool.nthreads], &attr, cm_pool_worker, NULL);
+        rc = pthread_create(&cm_pool.threads[cm_pool.nthreads], &attr, cm_pool_worker,
+                            (void *)(intptr_t)cm_pool.nthreads);
         pthread_attr_destroy(&attr);
         if (rc != 0)
             break; /* fewer helpers: the callers still finish their jobs alone */
@@ -332,6 +334,9 @@ static inline int64_t cm_pool_size(void) {
 }
 
 static inline int cm_pool_in_worker(void) { return cm_pool_thread; }
+
+/* The calling pool worker's index (0, 1, ...: the order they were started), or -1. */
+static inline int64_t cm_pool_worker_index(void) { return cm_pool_index; }
 
 static inline int64_t cm_pool_wake_ns(void) { return cm_pool_ready ? cm_pool.wake_ns : 0; }
 static inline int64_t cm_pool_last_wake_ns(void) { return cm_pool_ready ? cm_pool.last_wake_ns : 0; }

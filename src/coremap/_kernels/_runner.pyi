@@ -2,6 +2,8 @@
 from collections.abc import Callable
 from threading import Event
 
+import numpy as np
+
 SCHEDULES: dict[str, int]
 POOL_MAX: int  # most native pool workers (CM_POOL_MAX)
 STATE_BYTES: int  # sizeof(JobState): the shared part of a Job
@@ -60,14 +62,21 @@ class Job:
     @property
     def failed_chunk(self) -> tuple[int, int] | None: ...
     def run_native(
-        self, check_signals: bool = ..., helpers: int = ..., poll_ns: int = ...
+        self, check_signals: bool = ..., helpers: int = ..., poll_ns: int = ...,
+        home_blocks: bool = ...,
     ) -> None: ...
 
 class Prepared:
     # address: kernel_t; meta: int64_t[]; operands: inputs, parameters and output
-    def __init__(self, template: Job, address: int, meta: list[int], operands: int) -> None: ...
+    def __init__(
+        self, template: Job, address: int, meta: list[int], operands: int,
+        dtype: np.dtype, shape: tuple[int, ...],
+    ) -> None: ...
+    # 1 ok, 0 the element function raised, None: out or an array does not fit
+    def run_inline(self, arrays: tuple, out: object) -> int | None: ...
     def run(
-        self, arrays: tuple, check_signals: bool = ..., helpers: int = ..., poll_ns: int = ...
+        self, arrays: tuple, out: object, check_signals: bool = ..., helpers: int = ...,
+        poll_ns: int = ..., home_blocks: bool = ...,
     ) -> Job | None: ...
 
 # the native pool (_pool.h)
@@ -76,6 +85,7 @@ def pool_wake_ns(last: bool = ...) -> int: ...  # post -> first helper inside
 def pool_ensure(n: int) -> int: ...
 def pool_shutdown() -> None: ...
 def in_pool_worker() -> bool: ...
+def escalate_threshold_ns() -> int: ...  # work left above which helpers are posted
 
 # returns the kernel's int64_t status: 1 ok, 0 the element function raised
 def run_inline(address: int, ptrs: list[int], meta: list[int], lo: int, hi: int) -> int: ...

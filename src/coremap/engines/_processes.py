@@ -60,6 +60,7 @@ from numpy.typing import DTypeLike
 from coremap import _layout, _shm
 from coremap._errors import RemoteError, WorkerCrashedError, exit_text, note_raised_by
 from coremap._functions import digest
+from coremap._kernels import _runner
 from coremap._tasks import PROBE, probe_args, store_kept
 from coremap.engines._base import (
     NO_HOOKS,
@@ -85,7 +86,9 @@ from coremap.engines._messages import (
 )
 
 CTRL_STATE = 0
-CTRL_SLOTS = 128  # slots start here: 16 bytes (lo, hi) per worker
+# slots start here, on the next cache line after the job's shared state: 16 bytes
+# (lo, hi) per worker
+CTRL_SLOTS = -(-_runner.STATE_BYTES // 64) * 64
 STOP_GRACE = 1.0  # seconds a cancelled worker gets to finish its chunk
 POOL_BYTES = 1 << 30  # pooled segment bytes kept mapped between calls
 # A worker stopped (SIGSTOP, state T) this long makes no progress: it is reported
