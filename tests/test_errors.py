@@ -206,3 +206,31 @@ def test_no_fork_anywhere(monkeypatch):
         cm.parallel_map(X, f, backend=backend)
         cm.parallel_map(X, np.sin, backend=backend)
         cm.parallel_map(X, lambda c: c + 1, vectorized=True, backend=backend)
+
+
+def test_a_kernels_failure_is_raised_once_and_not_printed():
+    """Numba reports a cfunc's exception through sys.unraisablehook; coremap raises it
+    with its element instead, so nothing is printed for its own kernels (inline, a
+    job with pool helpers, the planner's path), and a cfunc outside coremap still is."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import numba, numpy as np, coremap as cm
+        f = lambda v: 1.0 / v
+        for n, workers in [(3000, 1), (3000, 2), (3_000_000, 2)]:
+            x = np.arange(float(n)) - (n - 10)  # fails near the end: helpers are in
+            for _ in range(3):  # planned, then cached (inline or a job)
+                try:
+                    cm.parallel_map(x, f, workers=workers)
+                except ZeroDivisionError:
+                    print("raised", flush=True)
+        g = numba.cfunc("float64(float64)", error_model="python")(lambda v: 1.0 / v)
+        g.ctypes(0.0)  # not coremap's: reported as usual
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["raised"] * 9
+    assert proc.stderr.count("Exception ignored") == 1, proc.stderr

@@ -206,6 +206,12 @@ def _array_peers(x, scalar, reference, expr: str) -> tuple[dict, Callable]:
     return contenders, prange_out
 
 
+# W1 below this many elements is a medium call (10^6: ~100 us on 2 cores), whose
+# target is 0.9x prange into the same out= (docs/benchmarks.rst); from it, the
+# large-call targets (bandwidth, NumPy).
+MEDIUM_W1 = 10**7
+
+
 def bench_w1(n: int, repeat: int) -> list[Row]:
     x = _workloads.data(n)
     o = np.empty_like(x)
@@ -223,14 +229,17 @@ def bench_w1(n: int, repeat: int) -> list[Row]:
     peers_out = t["numba prange, out="]
     copy = t["copy, 2 threads (bandwidth)"]
     for r in rows:
-        if r.contender == "coremap":
+        if r.contender == "coremap" and n >= MEDIUM_W1:
             r.target, r.met = ">= 1.5x numpy", base / r.seconds >= 1.5
         elif r.contender.startswith("coremap") and "out=" in r.contender:
-            ok_peer = r.seconds <= peers_out
-            ok_bw = copy / r.seconds >= 0.85
-            r.target = ">= prange out=, >= 85% copy bw"
-            r.met = ok_peer and ok_bw
-            r.note = f"{peers_out / r.seconds:.2f}x prange out=, {copy / r.seconds:.0%} of copy bw"
+            r.note = f"{peers_out / r.seconds:.2f}x prange out="
+            if n < MEDIUM_W1:  # a ~100 us call: the target is the peer's, within 10 %
+                r.target = ">= 0.9x prange out="
+                r.met = peers_out / r.seconds >= 0.9
+            else:
+                r.note += f", {copy / r.seconds:.0%} of copy bw"
+                r.target = ">= prange out=, >= 85% copy bw"
+                r.met = r.seconds <= peers_out and copy / r.seconds >= 0.85
     return rows
 
 
@@ -816,7 +825,8 @@ def run(workloads: Iterable[str] = WORKLOADS, quick: bool = False,
             print(f"note: {peer} not installed, its rows are skipped "
                   "(pip install 'coremap[bench]')", file=file)
     steps = {
-        "W1": lambda: bench_w1(big, repeat) + ([] if quick else bench_w1(10**8, 3)),
+        "W1": lambda: bench_w1(10**6, repeat) + bench_w1(big, repeat)
+        + ([] if quick else bench_w1(10**8, 3)),
         "W2": lambda: bench_w2(big, repeat),
         "W3": lambda: bench_w3(10**6 if not quick else 3 * 10**5, repeat),
         "W4": lambda: bench_w4(10**6 if not quick else 2 * 10**5, repeat),

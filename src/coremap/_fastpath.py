@@ -37,7 +37,6 @@ compiles it again (``_kernels/_rebuild.py``). Functions that read no globals
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from threading import current_thread, main_thread
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
@@ -45,9 +44,8 @@ import numpy as np
 
 from coremap import _config, _insights
 from coremap._kernels import _runner
-from coremap._kernels._numba import kernel_scope
 from coremap._plan import PLAIN_KEY
-from coremap.engines._base import ESCALATE_NS, TARGET_CHUNK_NS, new_job
+from coremap.engines._base import ESCALATE_NS, POLL_S, TARGET_CHUNK_NS, new_job
 from coremap.kernels import BuiltinKernel
 
 if TYPE_CHECKING:
@@ -56,6 +54,7 @@ if TYPE_CHECKING:
 
 _SCALARS = (float, int, complex, bool)
 _CACHE_MAX = 256
+_POLL_NS = int(POLL_S * 1e9)
 _cache: dict[Hashable, _Entry] = {}
 
 
@@ -209,8 +208,7 @@ def run(entry: _Entry, func: Any, items: tuple, out: object = None) -> Any:
         # kernel call, without the job. W1 at 10^5 elements, 24 us on one thread,
         # ran here at a fixed 25 us bound in 20 us; as a job, with the pool's
         # helper awake, in 13-16 us (prange: 12-15 us; 2-core VM).
-        with kernel_scope():
-            ok = prepared.run_inline(arrays, out)
+        ok = prepared.run_inline(arrays, out)
         return out if ok else None
     if entry.workers == 1 and estimate < TARGET_CHUNK_NS:
         # One worker has nobody to wake, and a call shorter than a timed chunk
@@ -218,16 +216,15 @@ def run(entry: _Entry, func: Any, items: tuple, out: object = None) -> Any:
         # the estimate current (a job's timed pieces cost such a call 8-12 us;
         # W2 at 10^4 elements ran at 0.91x a plain Numba loop through them).
         t0 = perf_counter_ns()
-        with kernel_scope():
-            ok = prepared.run_inline(arrays, out)
+        ok = prepared.run_inline(arrays, out)
         entry.ns_per_element = (perf_counter_ns() - t0) / entry.size
         return out if ok else None
     # The engine's run, in one compiled call: on "threads" the caller computes and
     # posts entry.helpers native pool workers; on "serial", none. A call known to
-    # be short gives each thread a home block (_runner.Job._home_blocks).
-    with kernel_scope():
-        job = prepared.run(arrays, out, current_thread() is main_thread(), entry.helpers,
-                           home_blocks=estimate < TARGET_CHUNK_NS)
+    # be short gives each thread a home block (_runner.Job._home_blocks). Signals
+    # are checked between pieces in any thread: Python handles them only in the
+    # main one (PyErr_CheckSignals returns at once elsewhere).
+    job = prepared.run(arrays, out, True, entry.helpers, _POLL_NS, estimate < TARGET_CHUNK_NS)
     if job is None or job.done != entry.size:
         return None  # a failure: the full path runs the call again and reports it
     entry.ns_per_element = job.ns_per_element

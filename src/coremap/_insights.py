@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from coremap._kernels import _runner
-from coremap._kernels._numba import kernel_scope
 
 if TYPE_CHECKING:
     from coremap._plan import Plan
@@ -148,16 +147,15 @@ def _native_counting(job, kernel, rec):
         if not job.enter():
             return
         try:
-            with kernel_scope():
-                while not job.cancelled and (claim := job.claim()) is not None:
-                    lo, hi = claim
-                    c0 = time.perf_counter_ns()
-                    if not _runner.run_inline(address, ptrs, meta, lo, hi):
-                        job.fail(lo, hi)  # re-run element-wise by the engine's error path
-                        break
-                    job.complete(lo, hi, time.perf_counter_ns() - c0)
-                    chunks += 1
-                    elements += hi - lo
+            while not job.cancelled and (claim := job.claim()) is not None:
+                lo, hi = claim
+                c0 = time.perf_counter_ns()
+                if not _runner.run_inline(address, ptrs, meta, lo, hi):
+                    job.fail(lo, hi)  # re-run element-wise by the engine's error path
+                    break
+                job.complete(lo, hi, time.perf_counter_ns() - c0)
+                chunks += 1
+                elements += hi - lo
         finally:
             job.leave()
             rec.add(name, chunks, elements, time.perf_counter_ns() - t0)

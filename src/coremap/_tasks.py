@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from coremap._errors import note_raised_by
-from coremap._kernels._numba import kernel_scope
 from coremap._kernels._runner import Job
 from coremap._layout import Space
 
@@ -52,9 +51,8 @@ class _NativeTask:
 
     def __call__(self, job: Job, caller: bool, helpers: int = 0,
                  poll_ns: int = 100_000_000) -> None:
-        with kernel_scope():  # only the main thread can take Ctrl-C between pieces
-            job.run_native(check_signals=caller and self.main, helpers=helpers,
-                           poll_ns=poll_ns)
+        # only the main thread can take Ctrl-C between pieces
+        job.run_native(check_signals=caller and self.main, helpers=helpers, poll_ns=poll_ns)
 
 
 def native_task() -> _NativeTask:

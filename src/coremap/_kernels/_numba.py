@@ -63,31 +63,7 @@ _F32 = np.dtype(np.float32)
 _BIG = 1 << 62  # nominal carray length: indices are unchecked, the planner bounds them
 
 
-_scope = threading.local()
 _hook_installed = False
-
-
-class _KernelScope:
-    """Marks the current thread as running coremap kernels (see the module docstring).
-
-    A class, not ``contextlib.contextmanager``: it is on the fast path, where the
-    generator version cost 2 us a call.
-    """
-
-    __slots__ = ()
-
-    def __enter__(self):
-        _scope.active = True
-
-    def __exit__(self, *exc):
-        _scope.active = False
-
-
-_KERNEL_SCOPE = _KernelScope()
-
-
-def kernel_scope() -> _KernelScope:
-    return _KERNEL_SCOPE
 
 
 def _install_hook() -> None:
@@ -101,7 +77,7 @@ def _install_hook() -> None:
     def hook(unraisable):
         obj = unraisable.object
         if (
-            (getattr(_scope, "active", False) or _runner.in_pool_worker())
+            _runner.in_kernel()
             and isinstance(obj, str)
             and obj.startswith("<numba.core.cpu.CPUContext")
         ):

@@ -78,6 +78,19 @@ cdef extern from "_pool.h" nogil:
     int CM_POOL_MAX
 
 
+cdef extern from *:
+    """
+    /* > 0 while this thread runs kernels in the runner (see in_kernel) */
+    static __thread int cm_kernel_depth = 0;
+    static inline void cm_kernel_enter(void) { cm_kernel_depth++; }
+    static inline void cm_kernel_leave(void) { cm_kernel_depth--; }
+    static inline int cm_kernel_active(void) { return cm_kernel_depth > 0; }
+    """
+    void cm_kernel_enter() nogil
+    void cm_kernel_leave() nogil
+    bint cm_kernel_active() nogil
+
+
 cnp.import_array()
 cm_pool_init()
 
@@ -604,6 +617,7 @@ cdef class Job:
                 self.c.escalate_ns = min(self.c.escalate_ns, escalate_threshold_ns())
                 cm_store(&self.c.st.escalate_pending, 1)
         until = now_ns() + poll_ns if attend else NEVER
+        cm_kernel_enter()
         try:
             with nogil:
                 while pending is None and cm_load(&self.c.st.cancel) == 0:
@@ -629,6 +643,7 @@ cdef class Job:
                     if self.c.slot != NULL:
                         cm_store(&self.c.slot[0], -1)
         finally:
+            cm_kernel_leave()
             extra = self._retire(check_signals, poll_ns)
             self.leave()
         if pending is None:
@@ -787,8 +802,10 @@ cdef class Prepared:
             raise ValueError("too many operands for the inline path")
         if not self._pointers(arrays, out, ptrs):
             return None
+        cm_kernel_enter()
         with nogil:
             rc = self.proto.kernel(ptrs, self.meta, 0, self.proto.n)
+        cm_kernel_leave()
         return rc
 
     def run(self, tuple arrays, out, bint check_signals=False, int64_t helpers=0,
@@ -838,6 +855,13 @@ cpdef int64_t escalate_threshold_ns() noexcept:
     return max(2 * cm_pool_wake_ns(), MIN_ESCALATE_NS)
 
 
+def in_kernel():
+    """True while this thread runs a kernel through the runner (``run_native``, an
+    inline run) or is a native pool worker: a Numba kernel's failure reported
+    here is coremap's to raise with its element (``_numba``'s unraisable hook)."""
+    return cm_kernel_active() or cm_pool_in_worker()
+
+
 def in_pool_worker():
     """True in a native pool worker (reached only through a kernel's error report)."""
     return cm_pool_in_worker()
@@ -871,8 +895,10 @@ def run_inline(intptr_t address, ptrs, meta, int64_t lo, int64_t hi):
         p[i] = <void *><intptr_t>ptrs[i]
     for i in range(len(meta)):
         m[i] = meta[i]
+    cm_kernel_enter()
     with nogil:
         rc = (<kernel_t>address)(p, m, lo, hi)
+    cm_kernel_leave()
     return rc
 
 

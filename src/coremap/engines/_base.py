@@ -57,6 +57,9 @@ from coremap.engines._messages import JobParams
 # 2.1-4.9x NumPy's time, no thread woken; tests/test_engine.py checks the latter).
 TARGET_CHUNK_NS = 20_000_000
 ESCALATE_NS = 100_000
+# How often (s) a caller computing a job looks at Ctrl-C, progress and the deadline
+# between its pieces: a responsiveness choice, well under the 1 s budget.
+POLL_S = 0.1
 FIRST_CHUNK = 1_024
 # A guided chunk is worth at least this much work once timed (see _runner.pyx):
 # the most a worker can be left waiting at the end of a call. A Python chunk

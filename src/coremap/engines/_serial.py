@@ -10,14 +10,14 @@ from __future__ import annotations
 import threading
 import time
 
-from coremap.engines._base import InProcessEngine
+from coremap.engines._base import POLL_S, InProcessEngine
 
 
 class SerialEngine(InProcessEngine):
     name = "serial"
 
     def run(self, job, task, workers: int = 1, on_progress=None, timeout=None,
-            poll: float = 0.1) -> None:
+            poll: float = POLL_S) -> None:
         """Run ``task`` in the calling thread until the job is finished."""
         job.event = threading.Event()
         if on_progress is not None:

@@ -54,7 +54,7 @@ import time
 import warnings
 
 from coremap._kernels import _runner
-from coremap.engines._base import InProcessEngine
+from coremap.engines._base import POLL_S, InProcessEngine
 
 _engine = None
 _engine_lock = threading.Lock()
@@ -161,7 +161,7 @@ class ThreadEngine(InProcessEngine):
                 self._threads.append(t)
             return self._queues[:n]
 
-    def run(self, job, task, workers: int, on_progress=None, poll: float = 0.1,
+    def run(self, job, task, workers: int, on_progress=None, poll: float = POLL_S,
             timeout: float | None = None) -> None:
         """Run ``task`` on ``workers`` threads (the caller is one of them).
 
