@@ -91,8 +91,9 @@ def test_cancel_stops_helpers_before_run_native_returns():
     assert same_bits(out, snapshot)
 
 
+@pytest.mark.parametrize("home_blocks", [False, True])
 @pytest.mark.parametrize("schedule", ["guided", "dynamic", "static"])
-def test_a_prepared_job_runs_afresh_on_every_call(schedule):
+def test_a_prepared_job_runs_afresh_on_every_call(schedule, home_blocks):
     """Each run is its own job (own counters), over the arrays it is given."""
     n = 3_000_000
     prepared, a, b = prepared_affine(n, workers=3, schedule=schedule, chunk=5000)
@@ -100,20 +101,35 @@ def test_a_prepared_job_runs_afresh_on_every_call(schedule):
     for _ in range(4):
         x = rng.random(n)
         out = np.full_like(x, np.nan)
-        job = prepared.run((x, a, b), out, False, 2)
+        job = prepared.run((x, a, b), out, False, 2, home_blocks=home_blocks)
         assert job.done == n and not job.cancelled and job.failed_chunk is None
         np.testing.assert_array_equal(out, 2.0 * x + 1.0)
 
 
-def test_a_prepared_job_is_shared_by_concurrent_callers():
+@pytest.mark.parametrize("workers", [2, 3, 5])
+def test_home_blocks_cover_every_element_once(workers):
+    """Blocks of any size (fewer elements than threads included) are each claimed
+    whole, by their owner or by a thread that finished its own."""
+    for n in (1, 2, 3, 5, 7, 100, 1001, 200_003):
+        prepared, a, b = prepared_affine(n, workers=workers, chunk=1)
+        x = np.random.default_rng(n).random(n)
+        for _ in range(3):
+            out = np.full_like(x, np.nan)
+            job = prepared.run((x, a, b), out, False, workers - 1, home_blocks=True)
+            assert job.done == n
+            np.testing.assert_array_equal(out, 2.0 * x + 1.0)
+
+
+@pytest.mark.parametrize("home_blocks", [False, True])
+def test_a_prepared_job_is_shared_by_concurrent_callers(home_blocks):
     n = 500_000
-    prepared, a, b = prepared_affine(n, workers=2)
+    prepared, a, b = prepared_affine(n, workers=3)
 
     def one(seed):
         x = np.random.default_rng(seed).random(n)
         out = np.empty_like(x)
         for _ in range(5):
-            job = prepared.run((x, a, b), out, False, 1)
+            job = prepared.run((x, a, b), out, False, 2, home_blocks=home_blocks)
             if job.done != n or not np.array_equal(out, 2.0 * x + 1.0):
                 return False
         return True
