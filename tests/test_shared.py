@@ -342,3 +342,29 @@ def test_creation_never_waits_on_a_cleaner(monkeypatch):
     assert f"coremap_{os.getpid()}_{tag}_{'c' * 9}" not in _segments()
     assert calls[0] & fcntl.LOCK_NB  # never a blocking wait
     a.unlink()
+
+
+def test_an_orphaned_worker_removes_the_segments_of_its_unreaped_parent():
+    """A worker re-parented by its parent's SIGKILL runs while the dead parent may
+    still be a zombie (its own parent has not reaped it): ``kill(pid, 0)`` says alive.
+    The worker knows better, and removes what the parent left."""
+    import time
+
+    pid = os.fork()
+    if pid == 0:  # the "parent" that dies: a segment, then exit without finalizers
+        kept = cm.SharedArray.zeros(10)
+        os._exit(0 if kept.size == 10 else 1)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until it is a zombie (exited, not reaped)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        left = {n for n in _shm.list_segments() if _shm.parse_name(n)[0] == pid}
+        assert len(left) == 1
+        assert _shm.clean(creators={pid}) == []  # a zombie looks alive
+        assert set(_shm.clean(creators={pid}, dead={pid})) == left
+        assert not {n for n in _shm.list_segments() if _shm.parse_name(n)[0] == pid}
+    finally:
+        os.waitpid(pid, 0)

@@ -311,11 +311,15 @@ def _remove_if_unheld(name: str) -> bool:
         os.close(fd)
 
 
-def clean(creators: Collection[int] | None = None, exiting: bool = False) -> list[str]:
+def clean(creators: Collection[int] | None = None, exiting: bool = False,
+          dead: Collection[int] = ()) -> list[str]:
     """Remove the stale segments of this namespace (of ``creators`` only, if given).
 
     ``exiting``: this process is about to exit without running finalizers (a
-    worker whose parent died): its own names go too, held or not.
+    worker whose parent died): its own names go too, held or not. ``dead``: pids
+    known to have exited although ``kill(pid, 0)`` still finds them (a worker's
+    parent, SIGKILLed and not yet reaped: a zombie); their segments go unless
+    held (by a forked child of theirs).
     """
     removed = []
     tag = namespace_tag()
@@ -334,7 +338,7 @@ def clean(creators: Collection[int] | None = None, exiting: bool = False) -> lis
             except OSError:
                 pass
             continue
-        if _pid_alive(pid):
+        if pid not in dead and _pid_alive(pid):
             continue
         if _remove_if_unheld(name):
             removed.append(name)

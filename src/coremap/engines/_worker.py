@@ -76,7 +76,8 @@ def _orphaned(parent_pid: int) -> None:
     try:
         from coremap import _shm
 
-        _shm.clean(creators={parent_pid, os.getpid()}, exiting=True)
+        # re-parented: the parent has exited, even while it is an unreaped zombie
+        _shm.clean(creators={parent_pid, os.getpid()}, exiting=True, dead={parent_pid})
     finally:
         os._exit(1)
 
