@@ -126,11 +126,11 @@ def test_a_short_call_on_one_worker_runs_inline_without_a_job(monkeypatch):
 
 
 @pytest.mark.parametrize("estimate_us, threshold_us, inline", [
-    (5, 10, True), (15, 10, False), (15, 40, True), (150, 400, False)])
+    (5, 10, True), (15, 10, False), (15, 40, True), (30, 400, False), (150, 400, False)])
 def test_a_call_runs_inline_below_the_pools_escalation_threshold(
         monkeypatch, estimate_us, threshold_us, inline):
     """One kernel call when a job would not post its helpers anyway (the work is under
-    the pool's escalation threshold, at most ESCALATE_NS); else a job with helpers."""
+    the pool's escalation threshold, and at most 25 us); else a job with helpers."""
     from coremap import _fastpath
     from coremap._kernels import _runner
 
@@ -228,3 +228,29 @@ def test_every_built_in_kernel_is_cached_through_its_own_interface():
         np.testing.assert_array_equal(cm.parallel_map(x, _Twice()), 2 * x)
         np.testing.assert_array_equal(cm.parallel_map(x, cm.kernels.affine(3.0, 1.0)),
                                       3 * x + 1)
+
+
+def test_a_function_of_sixteen_inputs_repeats_through_the_fast_path():
+    """More operands than the inline call's fixed arrays: the full path runs it, no error."""
+    xs = tuple(np.arange(100.0) + k for k in range(16))
+
+    def f(a, b, c, d, e, f_, g, h, i, j, k, l_, m, n, o, p):
+        return a + b + c + d + e + f_ + g + h + i + j + k + l_ + m + n + o + p
+
+    for _ in range(3):
+        np.testing.assert_array_equal(cm.parallel_map(xs, f), sum(xs))
+
+
+def test_an_inline_call_keeps_its_estimate_current(monkeypatch):
+    """A call run inline is timed too: if its elements grow costlier, the next call
+    is judged on the new cost (not held inline by an old estimate)."""
+    from coremap import _fastpath
+
+    monkeypatch.setattr(_fastpath, "_cache", {})
+    x = np.random.default_rng(8).random(20_000)
+    for _ in range(2):
+        cm.parallel_map(x, w2, workers=2)
+    (entry,) = _fastpath._cache.values()
+    entry.ns_per_element = 1e-6  # far below anything measured: the call runs inline
+    np.testing.assert_array_equal(cm.parallel_map(x, w2, workers=2), _reference(x))
+    assert entry.ns_per_element > 1e-3

@@ -182,6 +182,26 @@ def test_a_prepared_job_refuses_what_it_cannot_run():
                          (n,))
 
 
+def test_a_job_counts_progress_while_one_long_chunk_runs():
+    """``done`` moves during a chunk, not only at its end: a pool helper or a process
+    worker runs its chunk without stopping, and the progress bar reads ``done``."""
+    n = 30_000_000
+    x = np.random.default_rng(2).random(n)
+    out = np.empty_like(x)
+    a, b = np.array([2.0]), np.array([1.0])
+    job = _runner.Job(n, 1, "static", n, n)  # one chunk of n elements
+    job.set_kernel(_builtin.affine_address("d"), _runner.data_pointers((x, a, b, out)),
+                   [n, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1], (x, a, b, out))
+    seen = []
+    runner = threading.Thread(target=job.run_native)  # no monitor: runs to the end
+    runner.start()
+    while runner.is_alive():
+        seen.append(job.done)
+    runner.join()
+    assert job.done == n
+    assert any(0 < d < n for d in seen), sorted(set(seen))[:5]
+
+
 @pytest.mark.parametrize("schedule", ["guided", "dynamic", "static"])
 def test_workers_above_core_count(schedule):
     workers = cm._config.usable_cores() + 3  # (the suite's guard bounds the pool at 64)

@@ -54,6 +54,11 @@ if TYPE_CHECKING:
 
 _SCALARS = (float, int, complex, bool)
 _CACHE_MAX = 256
+# A call is run inline only below the pool's escalation threshold, and never
+# above this: after idle spells the pool's wake-up estimate (which sets the
+# threshold) can reach tens of microseconds on a VM, and a call of up to
+# ESCALATE_NS would then run alone until a job measured the pool again.
+_INLINE_MAX_NS = ESCALATE_NS // 4
 _POLL_NS = int(POLL_S * 1e9)
 _cache: dict[Hashable, _Entry] = {}
 
@@ -203,20 +208,20 @@ def run(entry: _Entry, func: Any, items: tuple, out: object = None) -> Any:
     assert prepared is not None  # a native kind
     per = entry.ns_per_element
     estimate = TARGET_CHUNK_NS if per is None else entry.size * per
-    if estimate < min(ESCALATE_NS, _runner.escalate_threshold_ns()):
-        # A job would not post its helpers for so little work (_runner.pyx): one
-        # kernel call, without the job. W1 at 10^5 elements, 24 us on one thread,
-        # ran here at a fixed 25 us bound in 20 us; as a job, with the pool's
-        # helper awake, in 13-16 us (prange: 12-15 us; 2-core VM).
-        ok = prepared.run_inline(arrays, out)
-        return out if ok else None
-    if entry.workers == 1 and estimate < TARGET_CHUNK_NS:
-        # One worker has nobody to wake, and a call shorter than a timed chunk
-        # handles Ctrl-C in time when it returns: one kernel call, timed to keep
-        # the estimate current (a job's timed pieces cost such a call 8-12 us;
-        # W2 at 10^4 elements ran at 0.91x a plain Numba loop through them).
+    if estimate < min(_INLINE_MAX_NS, _runner.escalate_threshold_ns()) or (
+            entry.workers == 1 and estimate < TARGET_CHUNK_NS):
+        # One kernel call, no job: when a job would not post its helpers for so
+        # little work (_runner.pyx; W1 at 10^5 elements, 24 us on one thread, ran
+        # inline under a fixed 25 us bound in 20 us, and as a job with the pool's
+        # helper awake in 13-16 us against prange's 12-15 us, 2-core VM), or on one
+        # worker, which has nobody to wake, when the call is shorter than a timed
+        # chunk and so handles Ctrl-C in time when it returns (a job's timed
+        # pieces cost such a call 8-12 us; W2 at 10^4 elements ran at 0.91x a
+        # plain Numba loop through them). Timed, so the estimate follows the data.
         t0 = perf_counter_ns()
         ok = prepared.run_inline(arrays, out)
+        if ok is None:
+            return None
         entry.ns_per_element = (perf_counter_ns() - t0) / entry.size
         return out if ok else None
     # The engine's run, in one compiled call: on "threads" the caller computes and
