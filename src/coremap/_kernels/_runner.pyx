@@ -112,9 +112,9 @@ DEF MIN_ESCALATE_NS = 10_000
 # so threads claiming from their own blocks do not share a line.
 DEF BLOCK_STRIDE = 8
 # A thread adds its finished elements to the job's ``done`` at most this often
-# (and when it stops): ``done`` feeds the progress bar, and every add takes the
-# counter's cache line from the other threads (per piece it cost W1 into out= at
-# 10^6 elements, ~25 pieces a thread, measurable time).
+# (and when it stops): ``done`` feeds the progress bar, which needs no more, and
+# every add takes the counter's cache line from the other threads (a choice, not
+# a measurement: its effect alone was not timed).
 DEF COUNT_EVERY_NS = 1_000_000
 
 
@@ -327,8 +327,8 @@ cdef int64_t ctx_pieces(Ctx *c, int64_t pos, int64_t hi, int64_t until, Ramp *r,
     One that starts elsewhere goes on from the last piece run, however short
     the chunk's end made it: the elements in between were other threads', and
     may cost more. (Continuing from a piece cut short by the chunk's end instead
-    restarted each chunk's ramp: W1 into out= at 10^6 elements ran ~90 pieces a
-    thread instead of ~25.)
+    restarted each chunk's ramp: W1 into out= at 10^6 elements ran 88-104 pieces
+    a thread; now the caller runs ~35 and a pool worker ~23.)
     """
     cdef int64_t size, t0, t1, done = 0, counted = now_ns()
     cdef bint whole
@@ -758,8 +758,9 @@ cdef class Prepared:
     ``out`` and runs in C: ``run_inline`` as one kernel call, ``run`` as a job
     built here and run as ``Job.run_native`` does. What it saves is Python:
     the checks of ``out``, ``Job(...)``, ``set_kernel`` and the engine's
-    ``run`` cost a call ~5 us, and 15-20 us once a memory-bound call has
-    flushed the caches (W1 into ``out=`` at 10^6 elements on the 2-core VM).
+    ``run``, which cost W1 into ``out=`` at 10^6 elements 18-20 us a call once
+    the call before had flushed the caches (172 -> 152 and 148 -> 130 us, the
+    two paths alternated in one process on the 2-core VM).
     """
 
     cdef Ctx proto
@@ -907,11 +908,6 @@ def in_kernel():
     inline run) or is a native pool worker: a Numba kernel's failure reported
     here is coremap's to raise with its element (``_numba``'s unraisable hook)."""
     return cm_kernel_active() or cm_pool_in_worker()
-
-
-def in_pool_worker():
-    """True in a native pool worker (reached only through a kernel's error report)."""
-    return cm_pool_in_worker()
 
 
 def pool_ensure(int64_t n):
